@@ -1,0 +1,236 @@
+"""Solvers shared by the aggregators: min-norm weights and the projection onto the dual cone.
+
+Everything here reads the Gramian ``G = J J^T`` (``[T, T]``), never ``J`` itself.
+
+One exact solver serves both problems: :func:`nnqp`, an active-set method of Lawson and Hanson
+(*Solving Least Squares Problems*, 1974, ch. 23) for ``min_{x >= 0} 1/2 x^T Q x + c^T x`` in its
+Gram form, run in float64 on the CPU.  It terminates in finitely many steps, copes with singular
+``Q`` (rank-deficient, duplicate, colinear rows) through least-squares subproblems, and is exact up
+to rounding.
+
+* Min-norm on the simplex (tensioner paper eq. 2, MGDA) is the non-negative least-squares problem
+  ``min_{x >= 0} ||J^T x||^2 + (1^T x - 1)^2`` rescaled: ``w* = x* / 1^T x*`` (the least-distance
+  reduction of Lawson and Hanson, ch. 23).  See :func:`min_norm_weights`.
+* The projection of a vector ``v`` onto ``{d : J d >= 0}`` is ``d = v + J^T lam`` with
+  ``lam = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T (J v)`` (its dual).  See
+  :func:`dual_cone_weights`.  UPGrad, DualProj and the tensioner's feasibility step use it.
+
+:func:`min_norm_weights_pgd` is a fixed-iteration projected-gradient solver that stays on the
+device of ``G`` and never synchronises with the host; it is approximate.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "nnqp",
+    "min_norm_weights",
+    "min_norm_weights_pgd",
+    "min_norm_weights_cvxpy",
+    "dual_cone_weights",
+    "project_simplex",
+]
+
+log = logging.getLogger(__name__)
+
+MinNormMethod = Literal["auto", "active-set", "closed-form", "cvxpy", "pgd"]
+
+
+def nnqp(Q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: int | None = None) -> np.ndarray:
+    """Solve ``min_{x >= 0} 1/2 x^T Q x + c^T x`` for a symmetric PSD ``Q`` (float64 numpy).
+
+    Lawson-Hanson active-set iterations in Gram form.  ``tol`` is relative to the problem's scale.
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
+    n = c.shape[0]
+    scale = max(1.0, float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)))
+    eps = tol * scale * n
+    max_iter = max_iter if max_iter is not None else 5 * n + 50
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    grad_neg = -(Q @ x + c)
+    for _ in range(max_iter):
+        candidates = ~passive & (grad_neg > eps)
+        if not candidates.any():
+            break
+        j = int(np.argmax(np.where(candidates, grad_neg, -np.inf)))
+        passive[j] = True
+        for _inner in range(max_iter):
+            idx = np.flatnonzero(passive)
+            z = np.zeros(n)
+            z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], -c[idx], rcond=None)[0]
+            if np.all(z[idx] > 0):
+                x = z
+                break
+            bad = idx[z[idx] <= 0]
+            denom = x[bad] - z[bad]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(denom > 0, x[bad] / denom, np.inf)
+            step = float(min(1.0, ratios.min())) if ratios.size else 1.0
+            x = x + step * (z - x)
+            drop = passive & (x <= eps * 1e-3)
+            x[drop] = 0.0
+            passive &= ~drop
+            if not passive.any():
+                break
+        grad_neg = -(Q @ x + c)
+    return np.maximum(x, 0.0)
+
+
+def _as_numpy64(G: Tensor) -> np.ndarray:
+    G64 = G.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return 0.5 * (G64 + G64.T)
+
+
+def _min_norm_two(G: Tensor) -> Tensor:
+    """Closed form for two tasks: w1 = clip((G22 - G12) / (G11 + G22 - 2 G12), 0, 1)."""
+    g11, g12, g22 = G[0, 0], G[0, 1], G[1, 1]
+    denom = g11 + g22 - 2 * g12
+    tiny = torch.finfo(G.dtype).tiny
+    # denom == 0 means g1 == g2: every weighting gives the same direction; take 1/2.
+    w1 = torch.where(denom > tiny, (g22 - g12) / denom.clamp_min(tiny), torch.full_like(denom, 0.5))
+    w1 = w1.clamp(0.0, 1.0)
+    return torch.stack([w1, 1 - w1])
+
+
+def min_norm_weights(G: Tensor, method: MinNormMethod = "auto", *, iters: int = 250) -> Tensor:
+    """Weights ``w*`` of the min-norm element of the convex hull of the rows of ``J``.
+
+    ``w* = argmin_{w in simplex} w^T G w`` (tensioner paper eq. 2; MGDA).  Methods:
+
+    * ``"auto"``: closed form for T = 2 (on the device, no synchronisation), active-set otherwise.
+    * ``"closed-form"``: T = 2 only.
+    * ``"active-set"``: exact (float64, CPU; synchronises), see :func:`nnqp`.
+    * ``"cvxpy"``: exact, through cvxpy's default QP solver.
+    * ``"pgd"``: ``iters`` steps of projected gradient on the device (approximate, sync-free).
+
+    Returns weights on ``G``'s device and dtype, summing to 1.
+
+    Example:
+        >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+        >>> min_norm_weights(G)
+        tensor([0.8000, 0.2000])
+    """
+    T = G.shape[0]
+    if G.shape != (T, T):
+        raise ValueError(f"G must be square [T, T], got shape {tuple(G.shape)}")
+    if T == 1:
+        return torch.ones(1, dtype=G.dtype, device=G.device)
+    if method == "auto":
+        method = "closed-form" if T == 2 else "active-set"
+    if method == "closed-form":
+        if T != 2:
+            raise ValueError(f"the closed-form min-norm solution needs T = 2 tasks, got T = {T}")
+        return _min_norm_two(G)
+    if method == "pgd":
+        return min_norm_weights_pgd(G, iters=iters)
+    if method == "cvxpy":
+        return min_norm_weights_cvxpy(G)
+    if method != "active-set":
+        raise ValueError(
+            f"unknown min-norm method {method!r}; use 'auto', 'active-set', 'closed-form', "
+            "'cvxpy' or 'pgd'"
+        )
+    G64 = _as_numpy64(G)
+    s = float(np.max(np.diag(G64)))
+    if not np.isfinite(s):
+        raise ValueError("G has non-finite entries")
+    if s <= 0.0:
+        return torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+    Q = G64 / s + 1.0
+    x = nnqp(Q, -np.ones(T))
+    total = x.sum()
+    if total <= 0:  # cannot happen for a PSD G; kept as a guard
+        raise RuntimeError("min-norm solver failed: the active-set method returned x = 0")
+    return torch.as_tensor(x / total, dtype=G.dtype, device=G.device)
+
+
+def min_norm_weights_cvxpy(G: Tensor, solver: str | None = None) -> Tensor:
+    """Exact min-norm weights from cvxpy (a QP over the simplex on the normalised Gramian)."""
+    import cvxpy as cp
+
+    T = G.shape[0]
+    G64 = _as_numpy64(G)
+    s = float(np.max(np.diag(G64)))
+    if s <= 0.0:
+        return torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+    # Factor G / s = L L^T (eigendecomposition: robust to rank deficiency) for a sum-of-squares form.
+    evals, evecs = np.linalg.eigh(G64 / s)
+    L = evecs * np.sqrt(np.clip(evals, 0.0, None))
+    w = cp.Variable(T)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(L.T @ w)), [w >= 0, cp.sum(w) == 1])
+    prob.solve(solver=solver)
+    if w.value is None or prob.status not in ("optimal", "optimal_inaccurate"):
+        raise RuntimeError(f"cvxpy min-norm solve failed with status {prob.status!r}")
+    x = np.clip(w.value, 0.0, None)
+    return torch.as_tensor(x / x.sum(), dtype=G.dtype, device=G.device)
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` (``[T]``) onto the probability simplex, sync-free."""
+    T = v.shape[-1]
+    u, _ = torch.sort(v, descending=True, dim=-1)
+    css = torch.cumsum(u, dim=-1) - 1
+    k = torch.arange(1, T + 1, device=v.device, dtype=v.dtype)
+    cond = (u - css / k) > 0
+    rho = cond.sum(dim=-1, keepdim=True).clamp_min(1)
+    theta = torch.gather(css, -1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def min_norm_weights_pgd(G: Tensor, iters: int = 250) -> Tensor:
+    """Approximate min-norm weights by ``iters`` accelerated projected-gradient steps (sync-free).
+
+    The step is ``1 / L`` with ``L`` the trace of the normalised Gramian (an upper bound of its
+    largest eigenvalue), so every step stays on the device.
+    """
+    T = G.shape[0]
+    s = torch.diagonal(G).amax().clamp_min(torch.finfo(G.dtype).tiny)
+    Gn = G / s
+    lip = torch.diagonal(Gn).sum().clamp_min(1e-12)
+    w = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+    y = w
+    t = 1.0
+    for _ in range(iters):
+        w_next = project_simplex(y - (Gn @ y) / lip)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = w_next + ((t - 1) / t_next) * (w_next - w)
+        w, t = w_next, t_next
+    return w
+
+
+def dual_cone_weights(G: Tensor, b: Tensor) -> Tensor:
+    """``lam = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T b`` (exact, float64 active set).
+
+    With ``b = J v`` this is the dual of projecting ``v`` onto ``{d : J d >= 0}``: the projection
+    is ``d = v + J^T lam``.  ``b`` may be ``[T]`` or ``[T, K]`` (one problem per column; the
+    result has the same shape).
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> v = torch.tensor([1.0, -2.0])
+        >>> lam = dual_cone_weights(J @ J.T, J @ v)
+        >>> v + lam @ J
+        tensor([1., 0.])
+    """
+    T = G.shape[0]
+    squeeze = b.dim() == 1
+    B = b.reshape(T, -1)
+    G64 = _as_numpy64(G)
+    B64 = B.detach().to(device="cpu", dtype=torch.float64).numpy()
+    s = float(np.max(np.diag(G64))) if T else 0.0
+    out = np.zeros_like(B64)
+    if s > 0.0 and np.isfinite(s):
+        for k in range(B64.shape[1]):
+            out[:, k] = nnqp(G64 / s, B64[:, k] / s)
+    elif not np.isfinite(s):
+        raise ValueError("G has non-finite entries")
+    res = torch.as_tensor(out, dtype=G.dtype, device=G.device)
+    return res.reshape(T) if squeeze else res

@@ -1,0 +1,84 @@
+"""Central direction (tensioner paper eq. 3-4; SPEC section 3).
+
+With unit rows ``u_m = g_m / ||g_m||``, ``k* = argmin_{k in simplex} ||k^T U||^2`` (eq. 3) and
+
+    v = gamma * sum_m k*_m u_m,   gamma = 1 / sum_m (k*_m / ||g_m||)          (eq. 4)
+
+so ``v = sum_m c_m g_m`` with ``c_m = gamma k*_m / ||g_m||`` >= 0 summing to 1: a convex
+combination of the gradients that lies in the central region of their cone.  (The paper prints
+``||u_m||`` in gamma, which is 1; the authors' code and the spec use ``||g_m||``.)  For two tasks
+it is the bisector ``(g1 ||g2|| + g2 ||g1||) / (||g1|| + ||g2||)``.  Computed from ``G`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import WeightedAggregator
+from ._solvers import MinNormMethod, min_norm_weights
+
+__all__ = ["Central", "central_weights"]
+
+
+def central_weights(G: Tensor, method: MinNormMethod = "auto", iters: int = 250) -> Tensor:
+    """The convex weights ``c`` of the central direction ``v = c^T J`` from ``G`` (eq. 3-4).
+
+    Tasks with a zero gradient get weight 0 (no unit vector exists; any direction is feasible for
+    them); when every row is zero the weights are uniform and ``v = 0``.
+
+    Example:
+        >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+        >>> central_weights(G)
+        tensor([0.6667, 0.3333])
+    """
+    T = G.shape[0]
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    tiny = torch.finfo(G.dtype).tiny
+    nz = norms > tiny * 1e3
+    safe = torch.where(nz, norms, torch.ones_like(norms))
+    U = G / (safe[:, None] * safe[None, :])
+    U = torch.where(nz[:, None] & nz[None, :], U, torch.zeros_like(U))
+    if T == 2 and method == "auto":
+        # Bisector (eq. 4 for T = 2): k* = (1/2, 1/2) on unit vectors, c_m proportional to 1/||g_m||.
+        k = torch.where(nz, torch.ones_like(norms), torch.zeros_like(norms))
+    elif method == "pgd":
+        # Sync-free: a zero row gets a large self-product so the solve leaves it out.
+        k = min_norm_weights(U + torch.diag((~nz).to(G.dtype) * 1e4), method, iters=iters) * nz
+    else:
+        idx = nz.nonzero().flatten()
+        k = torch.zeros_like(norms)
+        if idx.numel() > 0:
+            k[idx] = min_norm_weights(U[idx][:, idx], method, iters=iters)
+    inv = torch.where(nz, k / safe, torch.zeros_like(k))
+    total = inv.sum()
+    uniform = torch.full_like(norms, 1.0 / T)
+    return torch.where(total > 0, inv / total.clamp_min(tiny), uniform)
+
+
+class Central(WeightedAggregator):
+    """The central direction of the task gradients (tensioner paper eq. 3-4).
+
+    Args:
+        method: min-norm solver for eq. 3 (see :class:`MinNorm`); T = 2 uses the bisector.
+        iters: iterations for ``method="pgd"``.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> Central()(J)   # the bisector: equal angles to both gradients
+        tensor([0.6667, 0.6667])
+    """
+
+    gramian_only = True
+
+    def __init__(self, method: MinNormMethod = "auto", iters: int = 250) -> None:
+        super().__init__()
+        self.method = method
+        self.iters = iters
+
+    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+        assert G is not None
+        return central_weights(G, self.method, self.iters)
+
+    def __repr__(self) -> str:
+        return f"Central(method={self.method!r})"
