@@ -1,6 +1,541 @@
-"""MultiTaskOptimizer: placeholder while the core lands (see issue 2)."""
+"""MultiTaskOptimizer: wrap any ``torch.optim`` optimizer so that the shared parameters step along
+a combination of the task gradients instead of their sum.
+
+The flow of one step (``ARCHITECTURE.md``)::
+
+    losses -> capture J [T, D] (per-task backward passes, or hooks in a legacy loop)
+           -> plugins transform J -> aggregator J -> d -> d written into the shared .grad
+           -> wrapped optimizer.step() -> plugins' post_step()
+
+This module orchestrates; the math lives in ``aggregators/``, ``diagnostics.py`` and the plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ._flat import FlatLayout
+from .aggregators import Aggregator, get
+from .diagnostics import step_diagnostics
+from .plugins import plugin_state
+
+__all__ = ["MultiTaskOptimizer"]
+
+log = logging.getLogger(__name__)
+
+_STATE_KEY = "mtlgrad"
 
 
-class MultiTaskOptimizer:  # pragma: no cover - replaced by the real wrapper in the next commit
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("MultiTaskOptimizer is being written")
+def _resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
+    if isinstance(shared, nn.Module):
+        named = list(shared.named_parameters())
+        return [p for _, p in named], [n for n, _ in named]
+    if isinstance(shared, Tensor):
+        return [shared], ["shared[0]"]
+    try:
+        params = list(shared)
+    except TypeError:
+        raise TypeError(
+            f"shared must be an nn.Module or an iterable of parameters, got {type(shared).__name__}"
+        ) from None
+    return params, [f"shared[{i}]" for i in range(len(params))]
+
+
+class MultiTaskOptimizer(Optimizer):
+    """A drop-in wrapper that combines the task gradients of the shared parameters.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` holding all the model's parameters.
+        shared: the shared part: an ``nn.Module`` or an iterable of parameters.  Every other
+            parameter the wrapped optimizer holds is task-specific and receives the plain sum of
+            the task gradients, exactly as ``sum(losses).backward()`` gives it.
+        aggregator: an :class:`~torch_mtlgrad.aggregators.Aggregator` or a short name
+            (``"mean"``, ``"sum"``, ``"mgda"``, ``"central"``, ``"<name>+tension"``; see
+            :func:`torch_mtlgrad.aggregators.available`).
+        num_tasks: T, if known up front (else taken from the first step and then fixed).  When
+            known, a legacy loop's direction is computed as soon as its last task's backward ends,
+            so ``clip_grad_norm_`` between the loop and ``step()`` sees it.
+        plugins: gradient plugins (:class:`~torch_mtlgrad.plugins.GradientPlugin`) run on ``J``
+            in order before the aggregator.  A plugin may list extra tensors to differentiate
+            through a ``parameters()`` method (they receive their summed gradient too).
+        conflict_noticing: CoNAL's conflict noticing on these shared modules (input to output),
+            run before any other plugin; see :mod:`torch_mtlgrad.conal`.
+        nonfinite: ``"raise"`` (default): a NaN/Inf loss or task gradient is an error naming the
+            task (and the first bad parameter); ``"skip"``: that step is skipped (``step()`` does
+            nothing), counted in ``skipped_steps`` and logged.  Either way parameters, optimizer
+            state and aggregator state are left untouched.
+        diagnostics: compute per-step diagnostics (task weights, gradient norms, pairwise cosines,
+            each gradient's angle to the direction, and the aggregator's own, e.g. ``c`` and
+            ``delta`` for tensioners) into :attr:`diagnostics`.  Costs one more ``J J^T``.
+
+    Example:
+        >>> import torch
+        >>> enc = torch.nn.Linear(4, 8); heads = torch.nn.ModuleList(
+        ...     [torch.nn.Linear(8, 1) for _ in range(2)])
+        >>> opt = MultiTaskOptimizer(torch.optim.SGD([*enc.parameters(), *heads.parameters()],
+        ...                          lr=0.1), shared=enc, aggregator="central+tension")
+        >>> x = torch.randn(16, 4); ys = [torch.randn(16, 1), torch.randn(16, 1)]
+        >>> opt.zero_grad()
+        >>> z = enc(x)
+        >>> losses = [torch.nn.functional.mse_loss(h(z), y) for h, y in zip(heads, ys)]
+        >>> opt.backward(losses)
+        >>> opt.step()
+        >>> sorted(opt.diagnostics)[:3]
+        ['angle', 'angle_base', 'c']
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        shared: nn.Module | Iterable[Tensor],
+        aggregator: str | Aggregator = "mean",
+        *,
+        num_tasks: int | None = None,
+        plugins: Sequence[Any] = (),
+        conflict_noticing: Sequence[nn.Module] | None = None,
+        nonfinite: str = "raise",
+        diagnostics: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, MultiTaskOptimizer):
+            raise TypeError("optimizer is already a MultiTaskOptimizer")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        params, names = _resolve_shared(shared)
+        layout = FlatLayout(params, names)  # validates: non-empty, no duplicates, one device
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for p, n in zip(params, names):
+            if id(p) not in held:
+                raise ValueError(f"shared parameter {n!r} is not held by the wrapped optimizer")
+            if not p.requires_grad:
+                raise ValueError(f"shared parameter {n!r} does not require grad")
+        self.optimizer = optimizer
+        self.layout = layout
+        self.aggregator: Aggregator = self._resolve_aggregator(aggregator)
+        self.plugins: list[Any] = list(plugins)
+        if conflict_noticing is not None:
+            from .conal import ConflictNoticing
+
+            self.plugins.insert(0, ConflictNoticing(list(conflict_noticing)))
+        for plugin in self.plugins:
+            if not callable(getattr(plugin, "transform", None)):
+                raise TypeError(f"plugin {plugin!r} has no transform(J, losses) method")
+            bind = getattr(plugin, "bind", None)
+            if callable(bind):
+                bind(layout)
+        self.num_tasks = num_tasks
+        self.nonfinite = nonfinite
+        self.compute_diagnostics = diagnostics
+        self.diagnostics: dict[str, Tensor] = {}
+        self.skipped_steps = 0
+
+        # What Optimizer.__init__ would set up, minus the param groups (those are the wrapped
+        # optimizer's, exposed through properties), so schedulers, scalers and hooks work.
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+        self._J: Tensor | None = None  # [T, D] reused across steps
+        self._grad_flat: Tensor | None = None  # [D] flat .grad buffer of the shared parameters
+        self._skip = False
+        self._warned_zero: set[int] = set()
+        # Legacy-loop capture state (between the first `task()` and the aggregation).
+        self._hook_rows: dict[int, Tensor] = {}
+        self._hook_losses: dict[int, Tensor] = {}
+        self._hook_stash: list[Tensor | None] | None = None
+        self._in_task: int | None = None
+
+    # -- Optimizer look-alike -------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (f"MultiTaskOptimizer({type(self.optimizer).__name__}, aggregator={self.aggregator!r}, "
+                f"shared={len(self.layout.params)} tensors / {self.layout.numel} values)")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a (task-specific) parameter group to the wrapped optimizer."""
+        self.optimizer.add_param_group(param_group)
+
+    @staticmethod
+    def _resolve_aggregator(aggregator: str | Aggregator) -> Aggregator:
+        if isinstance(aggregator, Aggregator):
+            return aggregator
+        if isinstance(aggregator, str):
+            return get(aggregator)
+        raise TypeError(f"aggregator must be a name or an Aggregator, got {type(aggregator).__name__}")
+
+    # -- Parameters --------------------------------------------------------------------------------
+    def _specific_params(self) -> list[Tensor]:
+        seen = {id(p) for p in self.layout.params}
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        for plugin in self.plugins:
+            fn = getattr(plugin, "parameters", None)
+            for p in (fn() if callable(fn) else ()):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    # -- Checks ------------------------------------------------------------------------------------
+    def _check_count(self, T: int) -> None:
+        if self.num_tasks is not None and T != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} task losses (one per task), got {T}")
+
+    def _check_losses(self, losses: Any) -> list[Tensor]:
+        if isinstance(losses, Tensor):
+            if losses.dim() != 1:
+                raise ValueError(
+                    f"losses as one tensor must be 1-D with one value per task, got shape "
+                    f"{tuple(losses.shape)}"
+                )
+            losses = list(losses.unbind())
+        elif isinstance(losses, (str, bytes)) or not isinstance(losses, Iterable):
+            raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}")
+        losses = list(losses)
+        if not losses:
+            raise ValueError("losses is empty: pass one scalar loss per task")
+        for t, loss in enumerate(losses):
+            self._check_loss(t, loss)
+        self._check_count(len(losses))
+        return losses
+
+    @staticmethod
+    def _check_loss(t: int, loss: Any) -> None:
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss of task {t} is a {type(loss).__name__}, not a tensor")
+        if loss.numel() != 1:
+            raise ValueError(f"loss of task {t} is not a scalar: shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError(f"loss of task {t} does not require grad (was it detached?)")
+
+    def _nonfinite(self, message: str) -> bool:
+        """Apply the non-finite policy; returns True when the step is to be skipped."""
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message + " (pass nonfinite='skip' to skip such steps)")
+        self.skipped_steps += 1
+        self._skip = True
+        log.warning("skipping step: %s (%d skipped so far)", message, self.skipped_steps)
+        return True
+
+    # -- Capture: per-task backward passes -----------------------------------------------------
+    def _buffer(self, T: int) -> Tensor:
+        dtype = torch.float64 if self.layout.dtype == torch.float64 else torch.float32
+        if self._J is None or self._J.shape[0] != T or self._J.dtype != dtype:
+            self._J = torch.empty(T, self.layout.numel, dtype=dtype, device=self.layout.device)
+        return self._J
+
+    def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False) -> None:
+        """Replace ``sum(losses).backward()``: capture each task's gradient of the shared
+        parameters into a row of ``J``, combine them, and write the direction into their ``.grad``.
+
+        Task-specific parameters (and tensors that plugins list) get the sum of the task
+        gradients, accumulated into ``.grad`` as ``backward()`` does.  Nothing is written when a
+        check fails.  ``retain_graph`` keeps the graph after the last task.
+        """
+        losses = self._check_losses(losses)
+        if self._hook_rows or self._in_task is not None:
+            raise RuntimeError("backward() called while a legacy task() capture is pending")
+        values = torch.stack([loss.detach().reshape(()) for loss in losses])
+        if not bool(torch.isfinite(values).all()):
+            t = int((~torch.isfinite(values)).nonzero()[0])
+            self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
+            return
+        T = len(losses)
+        J = self._buffer(T)
+        shared = self.layout.params
+        specific = self._specific_params()
+        inputs = [*shared, *specific]
+        n = len(shared)
+        acc: list[Tensor | None] = [None] * len(specific)
+        for t, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss.reshape(()), inputs, retain_graph=retain_graph or t < T - 1,
+                                        allow_unused=True)
+            missing = self.layout.fill_row(J[t], grads[:n])
+            if len(missing) == n:
+                self._warn_zero(t)
+            for i, g in enumerate(grads[n:]):
+                if g is not None:
+                    acc[i] = g if acc[i] is None else acc[i] + g
+        prior = [p.grad for p in shared]
+        self._finish(J, values, prior, lambda: self._write_specific(specific, acc))
+
+    def _warn_zero(self, t: int) -> None:
+        if t not in self._warned_zero:
+            self._warned_zero.add(t)
+            warnings.warn(f"task {t}'s loss does not depend on the shared parameters: its row of J is "
+                          "zero", RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _write_specific(specific: list[Tensor], acc: list[Tensor | None]) -> None:
+        for p, g in zip(specific, acc):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g)
+
+    # -- Capture: legacy loops ------------------------------------------------------------------------
+    @contextmanager
+    def task(self, t: int, loss: Tensor | None = None) -> Iterator[None]:
+        """Route the backward passes inside this block into row ``t`` of ``J``.
+
+        For loops that already call ``loss_t.backward()`` once per task::
+
+            for t, loss_t in enumerate(losses):
+                with opt.task(t, loss=loss_t):     # loss= only if the aggregator reads losses
+                    loss_t.backward(retain_graph=t < T - 1)
+            opt.step()
+
+        Task-specific parameters accumulate their gradients as usual.  The direction is computed
+        when the last task's block ends (if ``num_tasks`` is known) or at ``step()``.
+        """
+        if self._in_task is not None:
+            raise RuntimeError(f"task({t}) opened inside task({self._in_task}): blocks do not nest")
+        if not isinstance(t, int) or t < 0 or (self.num_tasks is not None and t >= self.num_tasks):
+            bound = f"[0, {self.num_tasks})" if self.num_tasks is not None else ">= 0"
+            raise ValueError(f"task index must be an integer in {bound}, got {t!r}")
+        if loss is not None:
+            self._check_loss(t, loss)
+        if self._hook_stash is None:
+            # First task of this step: keep what .grad held, so the direction is added to it.
+            self._hook_stash = [p.grad for p in self.layout.params]
+            for p in self.layout.params:
+                p.grad = None
+        row = self._hook_rows.get(t)
+        if row is None:
+            dtype = torch.float64 if self.layout.dtype == torch.float64 else torch.float32
+            row = torch.zeros(self.layout.numel, dtype=dtype, device=self.layout.device)
+            self._hook_rows[t] = row
+        views = self.layout.views(row)
+        handles = [p.register_hook(self._row_hook(v)) for p, v in zip(self.layout.params, views)]
+        self._in_task = t
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._in_task = None
+        if loss is not None:
+            self._hook_losses[t] = loss.detach().reshape(())
+        if self.num_tasks is not None and len(self._hook_rows) == self.num_tasks:
+            self._aggregate_hooked()
+
+    @staticmethod
+    def _row_hook(view: Tensor) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            view.add_(grad)
+
+        return hook
+
+    def _aggregate_hooked(self) -> None:
+        rows, stash = self._hook_rows, self._hook_stash
+        T = max(rows) + 1
+        self._hook_rows, self._hook_stash = {}, None
+        absent = [t for t in range(T) if t not in rows]
+        if absent:
+            self._restore(stash)
+            raise ValueError(f"tasks {absent} had no task() block this step (got rows for {sorted(rows)})")
+        try:
+            self._check_count(T)
+        except ValueError:
+            self._restore(stash)
+            raise
+        losses = self._hook_losses
+        self._hook_losses = {}
+        if losses and len(losses) != T:
+            self._restore(stash)
+            raise ValueError(f"loss= was given for tasks {sorted(losses)} only; give it for all or none")
+        J = self._buffer(T)
+        for t in range(T):
+            J[t].copy_(rows[t])
+            if not bool(rows[t].any()):
+                self._warn_zero(t)
+        values = torch.stack([losses[t] for t in range(T)]).to(J.dtype) if losses else None
+        if values is not None and not bool(torch.isfinite(values).all()):
+            t = int((~torch.isfinite(values)).nonzero()[0])
+            self._restore(stash)
+            self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
+            return
+        assert stash is not None
+        try:
+            done = self._finish(J, values, stash, None)
+        except Exception:
+            self._restore(stash)
+            raise
+        if not done:
+            self._restore(stash)
+
+    def _restore(self, stash: list[Tensor | None] | None) -> None:
+        if stash is not None:
+            for p, g in zip(self.layout.params, stash):
+                p.grad = g
+
+    # -- Aggregate and write back ----------------------------------------------------------------
+    def _finish(self, J: Tensor, values: Tensor | None, prior: list[Tensor | None],
+                write_specific: Callable[[], None] | None) -> bool:
+        """Check, transform, aggregate, write.  Returns False when the step is skipped."""
+        T = J.shape[0]
+        finite = torch.isfinite(J).all(dim=1)
+        if not bool(finite.all()):
+            t = int((~finite).nonzero()[0])
+            bad = next(self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
+                       if not bool(torch.isfinite(v).all()))
+            self._nonfinite(f"task {t} has a non-finite gradient in shared parameter {bad!r}")
+            return False
+        if self.aggregator.needs_losses and values is None:
+            raise ValueError(
+                f"{type(self.aggregator).__name__} reads the loss values: in a legacy loop pass them "
+                "as opt.task(t, loss=loss_t)"
+            )
+        Jw = J
+        lw = values.to(J.dtype) if values is not None else None
+        for plugin in self.plugins:
+            Jw = plugin.transform(Jw, lw)
+        d = self.aggregator(Jw, lw)
+        # Everything is checked and computed: only now is anything written.
+        if self.num_tasks is None:
+            self.num_tasks = T
+        self._write_shared(d, prior)
+        if write_specific is not None:
+            write_specific()
+        self._skip = False
+        if self.compute_diagnostics:
+            diag = step_diagnostics(Jw, d, self.aggregator.weights)
+            diag.update(self.aggregator.diagnostics)
+            self.diagnostics = {k: v.detach() for k, v in diag.items()}
+        return True
+
+    def _write_shared(self, d: Tensor, prior: list[Tensor | None]) -> None:
+        """Write ``d`` into the shared ``.grad`` as views of one flat buffer (added to what
+        ``.grad`` held before this step, as ``backward()`` accumulates)."""
+        layout = self.layout
+        if layout.dtype is None:  # mixed dtypes: one tensor per parameter
+            for p, v, g in zip(layout.params, layout.views(d), prior):
+                p.grad = v.to(p.dtype).clone() if g is None else g.add_(v.to(g.dtype))
+            return
+        buf = self._grad_flat
+        if buf is None or buf.dtype != layout.dtype:
+            buf = self._grad_flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+        views = layout.views(buf)
+        if all(g is None for g in prior):
+            buf.copy_(d)
+        else:
+            ours = all(g is not None and g.data_ptr() == v.data_ptr() for g, v in zip(prior, views))
+            if not ours:
+                layout.fill_row(buf, [None if g is None else g.to(buf.dtype) for g in prior])
+            buf.add_(d.to(buf.dtype))
+        for p, v in zip(layout.params, views):
+            p.grad = v
+
+    # -- Optimizer API ------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the wrapped optimizer's gradients and drop an unfinished legacy capture."""
+        self._restore(self._hook_stash)
+        self._hook_rows, self._hook_losses, self._hook_stash = {}, {}, None
+        self._skip = False
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Finish a pending legacy capture, then step the wrapped optimizer (unless the step was
+        skipped for non-finite values), then the plugins' ``post_step``."""
+        if self._hook_rows:
+            self._aggregate_hooked()
+        if self._skip:
+            self._skip = False
+            return None
+        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        for plugin in self.plugins:
+            post = getattr(plugin, "post_step", None)
+            if callable(post):
+                post()
+        return result
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's state dict plus ours under ``"mtlgrad"``: the aggregator's and
+        plugins' state, T, and the shared parameters' shapes (checked on load)."""
+        sd = self.optimizer.state_dict()
+        sd[_STATE_KEY] = {
+            "num_tasks": self.num_tasks,
+            "shared_shapes": [tuple(s) for s in self.layout.shapes],
+            "aggregator_type": type(self.aggregator).__name__,
+            "aggregator": self.aggregator.state_dict(),
+            "plugins": [plugin_state(p) for p in self.plugins],
+            "skipped_steps": self.skipped_steps,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load what :meth:`state_dict` returned; a checkpoint made with another number of tasks,
+        other shared parameters or another aggregator is an error (nothing is loaded then)."""
+        sd = dict(state_dict)
+        mine = sd.pop(_STATE_KEY, None)
+        if mine is not None:
+            shapes = [tuple(s) for s in mine["shared_shapes"]]
+            if shapes != [tuple(s) for s in self.layout.shapes]:
+                raise ValueError(
+                    f"checkpoint has {len(shapes)} shared parameters with shapes {shapes[:4]}..., this "
+                    f"optimizer has {len(self.layout.shapes)} with shapes "
+                    f"{[tuple(s) for s in self.layout.shapes][:4]}...: different shared parameters"
+                )
+            if mine["num_tasks"] is not None and self.num_tasks is not None and mine["num_tasks"] != self.num_tasks:
+                raise ValueError(f"checkpoint was made with {mine['num_tasks']} tasks, this optimizer has "
+                                 f"{self.num_tasks}")
+            if mine["aggregator_type"] != type(self.aggregator).__name__:
+                raise ValueError(f"checkpoint's aggregator is {mine['aggregator_type']}, this optimizer's "
+                                 f"is {type(self.aggregator).__name__}")
+            if len(mine["plugins"]) != len(self.plugins):
+                raise ValueError(f"checkpoint has {len(mine['plugins'])} plugins, this optimizer has "
+                                 f"{len(self.plugins)}")
+        self.optimizer.load_state_dict(sd)
+        if mine is not None:
+            self.aggregator.load_state_dict(mine["aggregator"])
+            for plugin, st in zip(self.plugins, mine["plugins"]):
+                load = getattr(plugin, "load_state_dict", None)
+                if callable(load):
+                    load(st)
+            if mine["num_tasks"] is not None:
+                self.num_tasks = mine["num_tasks"]
+            self.skipped_steps = int(mine.get("skipped_steps", 0))

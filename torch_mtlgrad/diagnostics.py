@@ -1,0 +1,61 @@
+"""Per-step diagnostics of the task gradients and the combined direction: what users plot.
+
+All functions read ``G = J J^T`` (and ``J d``) and return tensors on the same device, without
+synchronising with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["cosine_matrix", "angles_to", "step_diagnostics"]
+
+
+def _safe(x: Tensor) -> Tensor:
+    return x.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def cosine_matrix(G: Tensor) -> Tensor:
+    """Pairwise cosines ``G_ij / (||g_i|| ||g_j||)``; 0 where a gradient is zero.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> cosine_matrix(J @ J.T)
+        tensor([[1.0000, 0.7071],
+                [0.7071, 1.0000]])
+    """
+    n = torch.diagonal(G).clamp_min(0).sqrt()
+    cos = G / _safe(n[:, None] * n[None, :])
+    return cos.clamp(-1, 1)
+
+
+def angles_to(Jd: Tensor, norms: Tensor, d_norm: Tensor) -> Tensor:
+    """Angles in degrees between each task gradient and a direction ``d``, from ``J d``.
+
+    A zero gradient or a zero direction gives 90 degrees.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]]); d = torch.tensor([1.0, 1.0])
+        >>> angles_to(J @ d, J.norm(dim=1), d.norm())
+        tensor([45.0000, 45.0000])
+    """
+    cos = Jd / _safe(norms * d_norm)
+    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+
+
+def step_diagnostics(J: Tensor, d: Tensor, weights: Tensor | None) -> dict[str, Tensor]:
+    """The optimizer's per-step diagnostics: task weights, gradient norms, pairwise cosines,
+    each task gradient's angle to the final direction, and the direction's norm."""
+    G = J @ J.T
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    d_norm = d.norm()
+    out = {
+        "grad_norms": norms,
+        "cosine": cosine_matrix(G),
+        "angle": angles_to(J @ d, norms, d_norm),
+        "direction_norm": d_norm,
+    }
+    if weights is not None:
+        out["weights"] = weights
+    return out
