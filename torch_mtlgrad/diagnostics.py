@@ -38,7 +38,7 @@ def angles_to(Jd: Tensor, norms: Tensor, d_norm: Tensor) -> Tensor:
     Example:
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]]); d = torch.tensor([1.0, 1.0])
         >>> angles_to(J @ d, J.norm(dim=1), d.norm())
-        tensor([45.0000, 45.0000])
+        tensor([45., 45.])
     """
     cos = Jd / _safe(norms * d_norm)
     return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
