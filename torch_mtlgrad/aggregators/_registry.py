@@ -22,6 +22,22 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "sum": (f"{_PKG}.mean", "Sum", True),
     "mgda": (f"{_PKG}.mgda", "MinNorm", True),
     "central": (f"{_PKG}.central", "Central", True),
+    "pcgrad": (f"{_PKG}.pcgrad", "PCGrad", True),
+    "graddrop": (f"{_PKG}.graddrop", "GradDrop", True),
+    "gradvac": (f"{_PKG}.gradvac", "GradVac", True),
+    "imtlg": (f"{_PKG}.imtlg", "IMTLG", True),
+    "cagrad": (f"{_PKG}.cagrad", "CAGrad", True),
+    "nashmtl": (f"{_PKG}.nashmtl", "NashMTL", True),
+    "upgrad": (f"{_PKG}.upgrad", "UPGrad", True),
+    "dualproj": (f"{_PKG}.dualproj", "DualProj", True),
+    "alignedmtl": (f"{_PKG}.alignedmtl", "AlignedMTL", True),
+    "moco": (f"{_PKG}.moco", "MoCo", True),
+    "rlw": (f"{_PKG}.rlw", "RLW", True),
+    "constant": (f"{_PKG}.constant", "Constant", True),
+    "uw": ("torch_mtlgrad.weightings.uw", "UncertaintyWeighting", False),
+    "gradnorm": ("torch_mtlgrad.weightings.gradnorm", "GradNorm", False),
+    "dwa": ("torch_mtlgrad.weightings.dwa", "DWA", False),
+    "famo": ("torch_mtlgrad.weightings.famo", "FAMO", False),
 }
 
 TENSION_SUFFIX = "+tension"
