@@ -1,0 +1,38 @@
+"""MPPS: multi-task learning with progressive parameter sharing (Shi et al., ICCV 2023).
+
+* :class:`MPPS` -- per-task masks on a backbone's neurons through forward hooks, the eq. (3)
+  objective (KL + REINFORCE / reparameterisation) and the target update of Algorithm 1.
+* :mod:`~torch_mtlgrad.mpps.schedulers` -- exclusive-capacity schedules (Separ, FullShare, StepN,
+  Linear, Quad).
+* :mod:`~torch_mtlgrad.mpps.ec` -- exclusive capacity of a neuron, a layer, a distribution.
+* :mod:`~torch_mtlgrad.mpps.masks` -- the Bernoulli and Gaussian mask families.
+* :mod:`~torch_mtlgrad.mpps.target` -- the target update.
+
+Usable with or without :class:`~torch_mtlgrad.MultiTaskOptimizer`; it imports nothing from it.
+"""
+
+from .ec import distribution_ec, layer_ec, neuron_ec, task_shares
+from .masks import exclusive_phi, kl_bernoulli, kl_divergence, kl_gaussian
+from .plugin import MASKABLE, MPPS
+from .schedulers import ECScheduler, FullShare, Linear, Quad, Separ, StepN
+from .target import update_target
+
+__all__ = [
+    "MPPS",
+    "MASKABLE",
+    "ECScheduler",
+    "Separ",
+    "FullShare",
+    "StepN",
+    "Linear",
+    "Quad",
+    "neuron_ec",
+    "layer_ec",
+    "distribution_ec",
+    "task_shares",
+    "exclusive_phi",
+    "kl_bernoulli",
+    "kl_gaussian",
+    "kl_divergence",
+    "update_target",
+]
