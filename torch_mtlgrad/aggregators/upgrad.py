@@ -1,0 +1,85 @@
+"""UPGrad: unconflicting projection of gradients (Quinton and Rey, 2024).
+
+Quinton and Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv:2406.16232 (2024),
+Sec. 3 ("UPGrad").  Each row is projected onto the dual cone of the rows,
+``C(J) = {x : J x >= 0}``, and the projections are averaged:
+
+    A_UPGrad(J) = (1/T) sum_i pi_J(g_i)                       (their definition of UPGrad)
+
+With a preference vector ``p`` (default uniform ``1/T``, as in the paper) the average becomes
+``sum_i p_i pi_J(g_i)``.  The projection is computed through its dual over the Gramian (the
+paper's Proposition on the dual problem): ``pi_J(p_i g_i) = J^T (p_i e_i + lam_i)`` with
+
+    lam_i = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T (p_i G e_i)
+
+so the weights are ``w = p + sum_i lam_i`` and ``d = w^T J``; computed from ``G = J J^T`` only,
+with the library's one cone-projection solver
+(:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`, exact, float64, CPU).
+
+Properties the paper proves (and the tests check): non-conflicting (``J d >= 0``), linear under
+scaling of the rows (``c -> A(diag(c) J)`` is linear for ``c > 0``), weighted (``d`` lies in the
+span of the rows), and, with uniform ``p``, invariant to the order of the tasks.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._base import WeightedAggregator
+from ._solvers import dual_cone_weights
+
+__all__ = ["UPGrad", "check_pref_vector"]
+
+
+def check_pref_vector(pref_vector: Tensor | None, T: int, like: Tensor) -> Tensor:
+    """The preference vector for ``T`` tasks (uniform ``1/T`` when ``None``), validated."""
+    if pref_vector is None:
+        return like.new_full((T,), 1.0 / T)
+    if pref_vector.dim() != 1 or pref_vector.shape[0] != T:
+        raise ValueError(
+            f"pref_vector must have shape [{T}] (one entry per row of J), "
+            f"got shape {tuple(pref_vector.shape)}")
+    p = pref_vector.detach().to(device=like.device, dtype=like.dtype)
+    if not bool((p >= 0).all()) or not bool(p.isfinite().all()):
+        raise ValueError(f"pref_vector must be finite and non-negative, got {pref_vector}")
+    return p
+
+
+class UPGrad(WeightedAggregator):
+    """UPGrad (Quinton and Rey, 2024): ``d = sum_i p_i pi_J(g_i)``, projections onto ``{x: Jx >= 0}``.
+
+    Computed from the Gramian ``G = J J^T`` only.
+
+    Args:
+        pref_vector: the weights ``p`` of the projected rows (``[T]``, non-negative); ``None``
+            (default) is the paper's uniform ``1/T``.
+
+    ``weights`` after a call are ``w = p + sum_i lam_i`` (``d = w^T J``); ``diagnostics["lam"]``
+    is the ``[T, T]`` matrix whose column ``i`` is ``lam_i``.
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> d = UPGrad()(J)
+        >>> d
+        tensor([0.2500, 0.7500])
+        >>> J @ d   # no task's loss increases
+        tensor([0.2500, 0.5000])
+    """
+
+    gramian_only = True
+
+    def __init__(self, pref_vector: Tensor | None = None) -> None:
+        super().__init__()
+        self.pref_vector = pref_vector
+
+    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+        assert G is not None
+        p = check_pref_vector(self.pref_vector, G.shape[0], G)
+        # Column i of B is J (p_i g_i) = p_i G[:, i]: one dual problem per row.
+        lam = dual_cone_weights(G, G * p[None, :])
+        self.diagnostics = {"lam": lam}
+        return p + lam.sum(dim=1)
+
+    def __repr__(self) -> str:
+        return f"UPGrad(pref_vector={self.pref_vector!r})"
