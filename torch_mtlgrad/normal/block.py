@@ -136,8 +136,14 @@ class TimeAwareODE(nn.Module):
     # Parameters ------------------------------------------------------------------------------
     @property
     def gamma(self) -> Tensor:
-        """The damping ``gamma = sigmoid(omega)``, in ``(0, 1)``."""
-        return torch.sigmoid(self.omega)
+        """The damping ``gamma = sigmoid(omega)``, strictly inside ``(0, 1)``.
+
+        Where ``sigmoid`` would round to exactly 0 or 1 in the parameter's dtype (``|omega|``
+        beyond about 17 in float32), the value is clamped to the nearest representable number
+        inside the interval; the gradient there is zero, as sigmoid's nearly is.
+        """
+        fi = torch.finfo(self.omega.dtype)
+        return torch.sigmoid(self.omega).clamp(fi.tiny, 1.0 - fi.eps)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter except the positions: ``u``, ``g`` and ``omega`` (task-shared)."""

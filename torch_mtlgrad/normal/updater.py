@@ -167,6 +167,11 @@ class PositionUpdater:
                 "(shared=...: pass block.shared_parameters() and the feature extractor instead)"
             )
 
+    def parameters(self) -> list[Tensor]:
+        """``[positions]``: ``MultiTaskOptimizer.backward`` gives them their summed task gradient
+        (eq. 7 per task, since each position feeds only its own task)."""
+        return [self.positions]
+
     def transform(self, J: Tensor, losses: Tensor) -> Tensor:
         """Identity: the positions do not change how the shared parameters are combined."""
         return J
