@@ -1,0 +1,175 @@
+"""GradNorm: gradient normalisation for adaptive loss balancing (Chen et al., ICML 2018).
+
+Chen, Badrinarayanan, Lee, Rabinovich, *GradNorm: Gradient Normalization for Adaptive Loss
+Balancing in Deep Multitask Networks*, ICML 2018, Sec. 3 and Algorithm 1.  Task weights
+``w_i`` (initially 1) scale the losses, ``L = sum_i w_i L_i``; they are learned so that the
+weighted gradient norms ``G_W^(i) = ||w_i grad_W L_i|| = w_i ||g_i||`` approach a common scale
+adjusted by each task's relative training rate:
+
+    L~_i(t) = L_i(t) / L_i(0)                     (loss ratio; L_i(0) = the first call's loss)
+    r_i(t)  = L~_i(t) / mean_j L~_j(t)            (relative inverse training rate)
+    G_bar(t) = mean_j G_W^(j)(t)
+    L_grad  = sum_i | G_W^(i)(t) - G_bar(t) [r_i(t)]^alpha |_1
+
+with the target ``G_bar(t) [r_i(t)]^alpha`` held constant (the paper's instruction), so
+
+    dL_grad/dw_i = sign(w_i ||g_i|| - G_bar r_i^alpha) ||g_i||.
+
+Each call (Algorithm 1): the direction is ``d = sum_i w_i g_i`` with the current weights; then
+``w`` takes one step of its own optimizer on ``dL_grad/dw`` and is renormalised so that
+``sum_i w_i = T``.  Choices the paper leaves open, documented: weights are clipped at 0 before
+the renormalisation (the paper's renormalisation assumes positive weights; if every weight
+reaches 0 they restart at 1, with a warning), and ``alpha`` defaults to 1.5 (the paper's value
+for NYUv2; it is the asymmetry hyperparameter named ``alpha`` in the paper).  The paper updates
+``w`` with the network's optimizer and learning rate; here ``optimizer="adam"`` with
+``lr=0.025`` by default (no paper default exists: tune it like a learning rate).
+
+``W`` in the paper is the last shared layer; by default the norms are taken over all shared
+parameters (the whole row of ``J``), ``||g_i||^2 = G_ii``: only the diagonal of the Gramian is
+read, computed as the row norms of ``J`` (O(TD), not the O(T^2 D) Gramian).  ``layer=(start,
+end)`` restricts the norms to those columns of ``J`` (e.g. the last shared layer's range from
+``FlatLayout.param_range``), as in the paper.
+
+The losses must be positive at the first call (they are the denominators of ``L~``).
+State (``state_dict``): ``w`` with its optimizer state and the initial losses ``L(0)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..aggregators._base import WeightedAggregator
+from ._optim import LearnedVector, OptimizerName
+
+__all__ = ["GradNorm"]
+
+log = logging.getLogger(__name__)
+
+
+class GradNorm(WeightedAggregator):
+    """GradNorm (Chen et al., 2018): weights learned on ``L_grad = sum_i |w_i ||g_i|| - target_i|``.
+
+    Args:
+        alpha: the asymmetry ``alpha`` (default 1.5).
+        lr: learning rate of the weights' optimizer (default 0.025).
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (Algorithm 1's plain gradient step).
+        layer: ``(start, end)`` columns of ``J`` the norms are taken over (the paper's last
+            shared layer ``W``); ``None`` (default) uses the whole row.
+
+    Diagnostics of the last call: ``grad_norms`` (``||g_i||``), ``target``, ``ratio``
+    (``r_i``), ``l_grad``.
+
+    Example:
+        >>> import torch
+        >>> agg = GradNorm(alpha=1.5, lr=0.1, optimizer="sgd")
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+        >>> agg(J, torch.tensor([1.0, 1.0]))   # w = (1, 1)
+        tensor([1., 3.])
+        >>> agg.task_weights   # (1 + 0.1, 1 - 0.3), renormalised to sum to T = 2
+        tensor([1.2222, 0.7778])
+    """
+
+    gramian_only = True
+    needs_losses = True
+    stateful = True
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: OptimizerName = "adam",
+                 layer: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        if not (isinstance(alpha, (int, float)) and alpha >= 0):
+            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
+        if layer is not None:
+            if not (isinstance(layer, tuple) and len(layer) == 2 and all(isinstance(x, int)
+                                                                         for x in layer)
+                    and 0 <= layer[0] < layer[1]):
+                raise ValueError(f"layer must be a (start, end) pair of column indices with "
+                                 f"0 <= start < end, got {layer!r}")
+        self.alpha = float(alpha)
+        self.layer = layer
+        self._w = LearnedVector(optimizer, lr)
+        self.initial_losses: Tensor | None = None
+
+    @property
+    def task_weights(self) -> Tensor | None:
+        """The weights the next call will use (``None`` before the first call)."""
+        return None if self._w.value is None else self._w.get()
+
+    def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
+        # Only diag(G) is needed: row norms of J, without forming the Gramian.
+        w = self.weighting(J, None, losses)
+        self.weights = w
+        return w @ J
+
+    def _norms(self, J: Tensor, G: Tensor | None) -> Tensor:
+        if self.layer is not None:
+            start, end = self.layer
+            if end > J.shape[1]:
+                raise ValueError(f"layer={self.layer} is outside J's {J.shape[1]} columns")
+            return J[:, start:end].norm(dim=1)
+        if G is not None:
+            return torch.diagonal(G).clamp_min(0).sqrt()
+        return J.norm(dim=1)
+
+    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+        if losses is None:
+            raise ValueError("GradNorm needs the loss values: agg(J, losses)")
+        T = J.shape[0]
+        if self.initial_losses is None:
+            bad = (~(losses > 0)).nonzero().flatten()
+            if bad.numel():
+                t = int(bad[0])
+                raise ValueError(f"task {t} has initial loss {float(losses[t])!r}: GradNorm divides "
+                                 "by the first losses L_i(0), which must be positive")
+            self.initial_losses = losses.detach().clone()
+            self._w.init(torch.ones(T, dtype=J.dtype, device=J.device))
+        w = self._w.get()
+        if w.shape[0] != T:
+            raise ValueError(f"GradNorm was tracking {w.shape[0]} tasks, got J with {T} rows; "
+                             "call reset() to start over")
+        norms = self._norms(J, G).to(w.dtype)
+        L = losses.to(w.dtype)
+        L0 = self.initial_losses.to(device=w.device, dtype=w.dtype)
+        loss_ratio = L / L0
+        r = loss_ratio / loss_ratio.mean()
+        gw = w * norms
+        target = gw.mean() * r.pow(self.alpha)
+        grad = torch.sign(gw - target) * norms
+        self.diagnostics = {"grad_norms": norms, "target": target, "ratio": r,
+                            "l_grad": (gw - target).abs().sum()}
+        used = w.clone()
+        self._w.step(grad)
+        new = self._w.get().clamp_min(0)
+        total = new.sum()
+        if bool(total <= 0):
+            log.warning("GradNorm: every task weight reached 0; restarting them at 1")
+            new = torch.ones_like(new)
+            total = new.sum()
+        self._w.assign(new * (T / total))
+        return used.to(J.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self._w.state_dict(),
+                "initial_losses": None if self.initial_losses is None
+                else self.initial_losses.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"weights", "initial_losses"}
+        if unknown:
+            raise ValueError(f"GradNorm state has unknown keys {sorted(unknown)}")
+        L0 = state.get("initial_losses")
+        if L0 is not None and (not isinstance(L0, Tensor) or L0.dim() != 1):
+            raise ValueError("GradNorm state 'initial_losses' must be a 1-D tensor or None")
+        self._w.load_state_dict(state.get("weights", {}), "GradNorm.weights")
+        self.initial_losses = None if L0 is None else L0.detach().clone()
+
+    def reset(self) -> None:
+        self._w.clear()
+        self.initial_losses = None
+
+    def __repr__(self) -> str:
+        return (f"GradNorm(alpha={self.alpha}, lr={self._w.lr}, "
+                f"optimizer={self._w.optimizer_name!r})")
