@@ -1,0 +1,129 @@
+"""DualProj: against cvxpy's projection and torchjd, and its properties."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_mtlgrad.aggregators import get
+from torch_mtlgrad.aggregators.dualproj import DualProj
+
+from ..strategies import jacobians
+
+
+def cvxpy_project(J: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """argmin ||x - v||^2 s.t. J x >= 0, in the primal (scaled for conditioning)."""
+    s = max(float(np.linalg.norm(J, axis=1).max()), 1e-300)
+    J = J[np.linalg.norm(J, axis=1) > 0]
+    if J.shape[0] == 0:
+        return v
+    x = cp.Variable(J.shape[1])
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - v / s)), [(J / s) @ x >= 0])
+    try:
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
+    except cp.error.SolverError:
+        prob.solve(solver=cp.CLARABEL)
+    assert prob.status == "optimal", prob.status
+    return s * x.value
+
+
+def scale_of(J: torch.Tensor) -> float:
+    return max(float(J.norm(dim=1).max()), 1e-300)
+
+
+@settings(max_examples=40, deadline=None)
+@given(jacobians(max_tasks=8, max_dim=10))
+def test_matches_cvxpy_projection(J: torch.Tensor) -> None:
+    d = DualProj()(J)
+    ref = cvxpy_project(J.numpy(), J.numpy().mean(axis=0))
+    # cvxpy's x is accurate to ~sqrt(its tolerance) near degenerate constraints; the KKT test
+    # below certifies exact optimality.
+    assert np.abs(d.numpy() - ref).max() <= 1e-5 * scale_of(J)
+
+
+@settings(max_examples=100, deadline=None)
+@given(jacobians(max_tasks=10, max_dim=12))
+def test_projection_satisfies_kkt(J: torch.Tensor) -> None:
+    """d = mean + J^T lam is the projection of the mean iff lam >= 0, J d >= 0, lam . J d = 0."""
+    agg = DualProj()
+    d = agg(J)
+    lam = agg.diagnostics["lam"]
+    s = scale_of(J)
+    assert torch.allclose(d, J.mean(0) + lam @ J, rtol=0, atol=1e-12 * s * (1 + float(lam.sum())))
+    Jd = J @ d
+    assert bool((lam >= 0).all()) and bool((Jd >= -1e-10 * s * s).all())
+    assert bool(((lam * Jd).abs() <= 1e-10 * s * s * (1 + lam)).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 2**31 - 1), st.floats(-6, 6))
+def test_matches_torchjd(T: int, seed: int, log_scale: float) -> None:
+    torchjd = pytest.importorskip("torchjd")
+    pytest.importorskip("qpsolvers")
+    from torchjd._linalg import QuadprogProjector
+
+    # torchjd's default projector normalises G and adds 1e-4 to its diagonal; turned off, it
+    # solves the same dual problem.
+    J = torch.tensor(np.random.default_rng(seed).standard_normal((T, T + 3)) * 10**log_scale)
+    ref = torchjd.aggregation.DualProj(projector=QuadprogProjector(norm_eps=0.0, reg_eps=1e-12))(J)
+    assert torch.allclose(DualProj()(J), ref, rtol=0, atol=1e-9 * scale_of(J))
+
+
+@settings(max_examples=150, deadline=None)
+@given(jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6))
+def test_non_conflicting_finite_minimal(J: torch.Tensor) -> None:
+    agg = DualProj()
+    d = agg(J)
+    assert bool(torch.isfinite(d).all())
+    s = scale_of(J)
+    assert bool((J @ d >= -1e-10 * s * s * J.shape[0]).all()), J @ d
+    assert agg.weights is not None
+    assert torch.allclose(agg.weights @ J, d, atol=1e-12 * s)
+    # Idempotent: d is already in the cone, so projecting J-combinations of it changes nothing
+    # when the mean does not conflict.
+    mean = J.mean(0)
+    if bool((J @ mean >= 0).all()):
+        assert torch.allclose(d, mean, rtol=0, atol=1e-12 * s)
+
+
+@settings(max_examples=80, deadline=None)
+@given(jacobians(max_tasks=8), st.randoms(use_true_random=False))
+def test_permutation_invariant(J: torch.Tensor, rnd) -> None:
+    perm = list(range(J.shape[0]))
+    rnd.shuffle(perm)
+    assert torch.allclose(DualProj()(J), DualProj()(J[perm]), rtol=0, atol=1e-9 * scale_of(J))
+
+
+@settings(max_examples=40, deadline=None)
+@given(jacobians(max_tasks=8, min_log_scale=-6, max_log_scale=6), st.floats(1e-3, 1e3))
+def test_positively_homogeneous(J: torch.Tensor, c: float) -> None:
+    """Scaling every row by the same c > 0 scales d by c (not linear in per-row scalings)."""
+    assert torch.allclose(DualProj()(c * J), c * DualProj()(J), rtol=0,
+                          atol=1e-9 * c * scale_of(J))
+
+
+def test_not_linear_under_row_scaling() -> None:
+    """Unlike UPGrad, DualProj is not linear in diag(c) J (the paper's comparison)."""
+    J = torch.tensor([[1.0, 0.0], [-2.0, 1.0]], dtype=torch.float64)
+    a = torch.tensor([1.0, 0.1], dtype=torch.float64)[:, None]
+    b = torch.tensor([0.1, 1.0], dtype=torch.float64)[:, None]
+    agg = DualProj()
+    assert not torch.allclose(agg(J * (a + b)), agg(J * a) + agg(J * b), atol=1e-6)
+
+
+def test_known_values_zero_rows_and_errors() -> None:
+    J = torch.tensor([[1.0, 0.0], [-3.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(DualProj()(J), torch.tensor([0.0, 0.5], dtype=torch.float64))
+    assert torch.equal(DualProj()(torch.zeros(2, 3)), torch.zeros(3))
+    Jz = torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]])
+    dz = DualProj()(Jz)
+    assert bool(torch.isfinite(dz).all()) and bool((Jz @ dz >= -1e-6).all())
+    with pytest.raises(ValueError, match="pref_vector must have shape"):
+        DualProj(pref_vector=torch.ones(3))(J)
+    d = DualProj(pref_vector=torch.tensor([1.0, 0.0]))(J)  # project g1 = (1, 0)
+    assert bool((J @ d >= -1e-12).all())
+    assert isinstance(get("dualproj"), DualProj)

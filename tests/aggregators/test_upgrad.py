@@ -1,0 +1,150 @@
+"""UPGrad: against cvxpy's projection and torchjd, and the properties the paper proves."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_mtlgrad.aggregators import get
+from torch_mtlgrad.aggregators.upgrad import UPGrad
+
+from ..strategies import jacobians
+
+
+def cvxpy_project(J: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """argmin ||x - v||^2 s.t. J x >= 0, solved in the primal (scaled for conditioning)."""
+    s = max(float(np.linalg.norm(J, axis=1).max()), 1e-300)
+    J = J[np.linalg.norm(J, axis=1) > 0]  # 0 x >= 0 holds always; it only confuses the solver
+    if J.shape[0] == 0:
+        return v
+    x = cp.Variable(J.shape[1])
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - v / s)), [(J / s) @ x >= 0])
+    try:
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
+    except cp.error.SolverError:  # too tight for this instance: the default tolerances
+        prob.solve(solver=cp.CLARABEL)
+    assert prob.status == "optimal", prob.status
+    return s * x.value
+
+
+def scale_of(J: torch.Tensor) -> float:
+    return max(float(J.norm(dim=1).max()), 1e-300)
+
+
+@settings(max_examples=40, deadline=None)
+@given(jacobians(max_tasks=6, max_dim=8))
+def test_matches_cvxpy_projection(J: torch.Tensor) -> None:
+    d = UPGrad()(J)
+    Jn = J.numpy()
+    ref = np.mean([cvxpy_project(Jn, Jn[i]) for i in range(J.shape[0])], axis=0)
+    s = scale_of(J)
+    # cvxpy's interior point is accurate to ~sqrt(its tolerance) in x near degenerate
+    # constraints; the KKT test below checks the exact optimality of every projection.
+    assert np.abs(d.numpy() - ref).max() <= 1e-5 * s
+
+
+@settings(max_examples=100, deadline=None)
+@given(jacobians(max_tasks=10, max_dim=12))
+def test_each_projection_satisfies_kkt(J: torch.Tensor) -> None:
+    """x_i = g_i / T + J^T lam_i is the projection of g_i / T iff lam_i >= 0, J x_i >= 0 and
+    lam_i . J x_i = 0 (the KKT conditions of the projection, a certificate independent of the
+    solver)."""
+    agg = UPGrad()
+    agg(J)
+    lam = agg.diagnostics["lam"]
+    T = J.shape[0]
+    s = scale_of(J)
+    X = J / T + lam.T @ J  # row i is x_i
+    JX = X @ J.T  # [i, k] = g_k . x_i
+    assert bool((lam >= 0).all())
+    assert bool((JX >= -1e-10 * s * s).all())
+    comp = (lam.T * JX).abs()
+    assert bool((comp <= 1e-10 * s * s * (1 + lam.T.abs())).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 2**31 - 1), st.floats(-6, 6))
+def test_matches_torchjd(T: int, seed: int, log_scale: float) -> None:
+    torchjd = pytest.importorskip("torchjd")
+    pytest.importorskip("qpsolvers")
+    from torchjd._linalg import QuadprogProjector
+
+    # Conventions: torchjd's default projector normalises G and adds 1e-4 to its diagonal; with
+    # both turned off it solves the same dual problem, so the directions agree to rounding.
+    J = torch.tensor(np.random.default_rng(seed).standard_normal((T, T + 3)) * 10**log_scale)
+    ref = torchjd.aggregation.UPGrad(projector=QuadprogProjector(norm_eps=0.0, reg_eps=1e-12))(J)
+    assert torch.allclose(UPGrad()(J), ref, rtol=0, atol=1e-9 * scale_of(J))
+
+
+@settings(max_examples=150, deadline=None)
+@given(jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6))
+def test_non_conflicting_finite_weighted(J: torch.Tensor) -> None:
+    agg = UPGrad()
+    d = agg(J)
+    assert bool(torch.isfinite(d).all())
+    s = scale_of(J)
+    assert bool((J @ d >= -1e-10 * s * s * J.shape[0]).all()), J @ d
+    # Weighted: d = w^T J with w >= p (the dual variables are non-negative).
+    assert agg.weights is not None
+    assert torch.allclose(agg.weights @ J, d, atol=1e-12 * s)
+    assert bool((agg.weights >= 1.0 / J.shape[0] - 1e-12).all())
+
+
+@settings(max_examples=80, deadline=None)
+@given(jacobians(max_tasks=8), st.randoms(use_true_random=False))
+def test_permutation_invariant(J: torch.Tensor, rnd) -> None:
+    perm = list(range(J.shape[0]))
+    rnd.shuffle(perm)
+    d, d_perm = UPGrad()(J), UPGrad()(J[perm])
+    assert torch.allclose(d, d_perm, rtol=0, atol=1e-9 * scale_of(J))
+
+
+@settings(max_examples=80, deadline=None)
+@given(jacobians(max_tasks=8, min_log_scale=-6, max_log_scale=6),
+       st.lists(st.floats(0.1, 10), min_size=8, max_size=8),
+       st.lists(st.floats(0.1, 10), min_size=8, max_size=8))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float]) -> None:
+    """The paper's property: c -> A(diag(c) J) is linear on c > 0."""
+    T = J.shape[0]
+    a = torch.tensor(c1[:T], dtype=J.dtype)
+    b = torch.tensor(c2[:T], dtype=J.dtype)
+    agg = UPGrad()
+    lhs = agg(J * (a + b)[:, None])
+    rhs = agg(J * a[:, None]) + agg(J * b[:, None])
+    assert torch.allclose(lhs, rhs, rtol=0, atol=1e-9 * 20 * scale_of(J))
+
+
+def test_known_values_and_zero_rows() -> None:
+    J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    # The cone is {x1 >= 0, x2 >= x1}: g1 = (1, 0) projects to (1/2, 1/2), g2 = (-1, 1) to
+    # (0, 1); their mean is (1/4, 3/4).
+    d = UPGrad()(J)
+    assert torch.allclose(d, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    Z = torch.zeros(3, 4)
+    assert torch.equal(UPGrad()(Z), torch.zeros(4))
+    Jz = torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]])
+    dz = UPGrad()(Jz)
+    assert bool(torch.isfinite(dz).all()) and bool((Jz @ dz >= -1e-6).all())
+
+
+def test_pref_vector_and_errors() -> None:
+    J = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # no conflict: d = p^T J
+    d = UPGrad(pref_vector=torch.tensor([0.2, 0.8]))(J)
+    assert torch.allclose(d, torch.tensor([0.2, 0.8], dtype=torch.float64))
+    with pytest.raises(ValueError, match="pref_vector must have shape"):
+        UPGrad(pref_vector=torch.ones(3))(J)
+    with pytest.raises(ValueError, match="non-negative"):
+        UPGrad(pref_vector=torch.tensor([1.0, -1.0]))(J)
+
+
+def test_registry_and_float32() -> None:
+    agg = get("upgrad")
+    assert isinstance(agg, UPGrad)
+    J = torch.randn(4, 7)
+    d = agg(J)
+    assert d.dtype == torch.float32 and bool(torch.isfinite(d).all())
+    assert get("upgrad+tension").base.__class__ is UPGrad
