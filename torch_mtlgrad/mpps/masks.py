@@ -11,7 +11,7 @@ uses it through a mask drawn from its own distribution:
 
 Parameterisation.  ``phi`` is stored as logits ``a`` with ``phi = sigmoid(a)``.  This keeps
 ``phi`` in ``(0, 1)`` under any optimiser step without projection, and makes every quantity
-below numerically clean: ``log phi = logsigmoid(a)``, ``r(phi) = exp(-a / 2)`` exactly, the
+below numerically clean: ``log phi = logsigmoid(a) = -softplus(-a)``, ``r(phi) = exp(-a / 2)`` exactly, the
 score of a Bernoulli mask is ``d log q(m) / da = m - phi``, and the Gaussian KL is a function of
 ``a_q - a_p`` alone.  All functions here are pure (tensor in, tensor out) and act elementwise, so
 each entry ``phi[n, t]`` only ever influences its own terms.
@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 Family = Literal["bernoulli", "gaussian"]
 FAMILIES: tuple[str, ...] = ("bernoulli", "gaussian")
+
+
+def _logsigmoid(x: Tensor) -> Tensor:
+    # -softplus(-x) == logsigmoid(x); F.logsigmoid is ~1000x slower on small CPU tensors with more
+    # than one intra-op thread (torch 2.13: ~4 ms per call on a 6 x 2 tensor).
+    return -F.softplus(-x)
 
 
 def check_family(family: str) -> Family:
@@ -185,7 +191,7 @@ def bernoulli_log_prob(mask: Tensor, logits: Tensor) -> Tensor:
         >>> bernoulli_log_prob(torch.tensor([1.0, 0.0]), torch.zeros(2))
         tensor([-0.6931, -0.6931])
     """
-    return mask * F.logsigmoid(logits) + (1.0 - mask) * F.logsigmoid(-logits)
+    return mask * _logsigmoid(logits) + (1.0 - mask) * _logsigmoid(-logits)
 
 
 def kl_bernoulli(q_logits: Tensor, p_logits: Tensor) -> Tensor:
@@ -198,8 +204,8 @@ def kl_bernoulli(q_logits: Tensor, p_logits: Tensor) -> Tensor:
         tensor([0.0000, 0.3681])
     """
     q = torch.sigmoid(q_logits)
-    return q * (F.logsigmoid(q_logits) - F.logsigmoid(p_logits)) + (1.0 - q) * (
-        F.logsigmoid(-q_logits) - F.logsigmoid(-p_logits)
+    return q * (_logsigmoid(q_logits) - _logsigmoid(p_logits)) + (1.0 - q) * (
+        _logsigmoid(-q_logits) - _logsigmoid(-p_logits)
     )
 
 
