@@ -30,11 +30,14 @@ How this implementation solves it (all from ``G``, never ``J``):
   authors' division of ``G`` by its Frobenius norm, and makes tasks of very different scales
   (1e-6 .. 1e6) equally well conditioned.
 * **One cvxpy problem per task count**, built once with ``cp.Parameter`` for ``C`` and for the
-  linear cost ``c = C 1 + grad phi(a^(tau))`` (DPP, so repeated solves skip canonicalisation), and
-  solved with a solver that ships with cvxpy (``"CLARABEL"`` by default, an interior-point
-  exponential-cone solver) with ``warm_start=True`` (cvxpy reuses the solver's workspace).  The
-  sequential iterations start from the previous step's solution (the warm start of the method
-  itself), or from ``a = 1`` on the first solve.  If the start has some ``(C a)_i <= 0`` the first
+  linear cost ``c = C 1 + grad phi(a^(tau))`` (DPP: repeated solves skip cvxpy's
+  canonicalisation and only refill the parameters), solved with a solver that ships with cvxpy
+  (``"CLARABEL"`` by default, an interior-point exponential-cone solver).  The warm start is the
+  starting point of the sequence: the previous step's solution (``a = 1`` on the first solve),
+  from which the sequence usually stops after one problem.  The solver's own workspace is not
+  reused (cvxpy ``warm_start=False``): Clarabel, an interior-point method, cannot start from a
+  previous iterate anyway, and reusing its workspace changes the last bits of the result, which
+  would break bit-identical resumption from a checkpoint (``state_dict``).  If the start has some ``(C a)_i <= 0`` the first
   convex problem linearises only the ``log a_i`` part of ``phi`` (``log beta_i`` is undefined
   there); every later iterate is feasible, so every later problem uses the full expansion.
 * **Stopping.**  After each convex problem, stop when ``max_i |a_i (C a)_i - 1| <= tol`` (the
@@ -268,7 +271,7 @@ class NashMTL(WeightedAggregator):
             try:
                 with warnings.catch_warnings():  # "solution may be inaccurate": checked below
                     warnings.simplefilter("ignore")
-                    prob.problem.solve(solver=self.solver, warm_start=True)
+                    prob.problem.solve(solver=self.solver, warm_start=False)
                 status = prob.problem.status
                 value = prob.a.value
             except Exception as exc:  # cvxpy raises SolverError, ValueError, ... on bad data

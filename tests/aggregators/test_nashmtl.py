@@ -1,0 +1,280 @@
+"""Nash-MTL: against the bargaining problem solved directly by cvxpy, torchjd, and its
+properties (fixed point, scale invariance, permutation), failure paths and state."""
+
+from __future__ import annotations
+
+import logging
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from torch_mtlgrad.aggregators import get
+from torch_mtlgrad.aggregators._solvers import min_norm_weights
+from torch_mtlgrad.aggregators.nashmtl import NashMTL, NashMTLSolveError
+
+from ..strategies import jacobians
+
+
+@st.composite
+def improvable(draw, min_tasks: int = 2, max_tasks: int = 8, max_dim: int = 8,
+               row_scales: bool = True,
+               kinds: tuple[str, ...] = ("spread", "duplicate", "low_rank", "zero_row")
+               ) -> torch.Tensor:
+    """[T, D] float64 with a common improving direction, rows scaled by 10**U(-6, 6)."""
+    T = draw(st.integers(min_tasks, max_tasks))
+    D = draw(st.integers(2, max_dim))
+    kind = draw(st.sampled_from(kinds))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    v = rng.standard_normal(D)
+    v /= np.linalg.norm(v)
+    J = rng.standard_normal((T, D)) * draw(st.floats(0.1, 2.0)) + v
+    if kind == "duplicate":
+        J[-1] = J[0]
+    elif kind == "low_rank" and D > 2:
+        J = J @ np.outer(v, v) + 0.3 * (J @ np.eye(D)[:, :1]) * np.eye(D)[:1]
+        J = J + v  # stays improvable along v
+    elif kind == "zero_row":
+        J[rng.integers(T)] = 0.0
+    if row_scales:
+        J = J * 10.0 ** rng.uniform(-6, 6, size=(T, 1))
+    U = J / np.maximum(np.linalg.norm(J, axis=1, keepdims=True), 1e-300)
+    U = U[np.linalg.norm(J, axis=1) > 0]
+    Ct = torch.tensor(U @ U.T)
+    w = min_norm_weights(Ct)
+    assume(float(w @ Ct @ w) > 1e-6)  # clearly improvable (not near Pareto-stationary)
+    return torch.tensor(J)
+
+
+def bargaining_direction(J: np.ndarray) -> np.ndarray:
+    """argmax_d sum_i log(g_i . d) s.t. ||d||^2 <= T' over the non-zero rows, in R^D (the paper's
+    bargaining problem); its argmax is invariant to positive row scalings, so rows are
+    normalised for conditioning."""
+    keep = np.linalg.norm(J, axis=1) > 0
+    U = J[keep] / np.linalg.norm(J[keep], axis=1, keepdims=True)
+    d = cp.Variable(J.shape[1])
+    prob = cp.Problem(cp.Maximize(cp.sum(cp.log(U @ d))), [cp.sum_squares(d) <= U.shape[0]])
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    assert prob.status == "optimal", prob.status
+    return d.value
+
+
+@settings(max_examples=30, deadline=None)
+@given(improvable())
+def test_matches_bargaining_problem(J: torch.Tensor) -> None:
+    agg = NashMTL(max_norm=0.0)
+    d = agg(J)
+    ref = bargaining_direction(J.numpy())
+    assert np.abs(d.numpy() - ref).max() <= 1e-5 * np.linalg.norm(ref)
+    # Fixed point G alpha = 1/alpha on the non-zero rows, zero weight on zero rows.
+    alpha = agg.weights
+    assert alpha is not None
+    active = J.norm(dim=1) > 0
+    assert bool((alpha[~active] == 0).all())
+    gain = (J @ d)[active] * alpha[active]
+    assert torch.allclose(gain, torch.ones_like(gain), rtol=0, atol=1e-6)
+    assert float(agg.diagnostics["residual"]) <= 1e-6
+
+
+@settings(max_examples=10, deadline=None)
+@given(improvable(row_scales=False, max_tasks=6, kinds=("spread",)))
+def test_matches_torchjd(J: torch.Tensor) -> None:
+    torchjd = pytest.importorskip("torchjd")
+    pytest.importorskip("ecos")
+    assume(float(torch.linalg.svdvals(J)[-1]) > 1e-3 * float(J.norm()))
+    # Conventions: torchjd's NashMTL takes n_tasks and clips with max_norm (0 disables); its
+    # weights solve the same G alpha = 1/alpha (with ECOS and its own stopping rule).  It is
+    # compared on full-rank inputs only: on singular Gramians (duplicate rows) its solve fails
+    # and it keeps its initial weights.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torchjd.aggregation.NashMTL(n_tasks=J.shape[0], max_norm=0.0)(J)
+    ours = NashMTL(max_norm=0.0)(J)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-4 * float(ours.norm()))
+
+
+@settings(max_examples=20, deadline=None)
+@given(improvable(max_tasks=6), st.lists(st.floats(-6, 6), min_size=6, max_size=6),
+       st.randoms(use_true_random=False))
+def test_scale_invariant_and_permutation_equivariant(J: torch.Tensor, logc: list[float],
+                                                     rnd) -> None:
+    """The bargaining solution ignores the gradients' norms (Nash's scale invariance):
+    d(diag(c) J) = d(J), alpha(diag(c) J) = alpha(J) / c; reordering tasks reorders alpha."""
+    T = J.shape[0]
+    c = 10.0 ** torch.tensor(logc[:T], dtype=J.dtype)
+    agg = NashMTL(max_norm=0.0)
+    d = agg(J)
+    alpha = agg.weights
+    agg2 = NashMTL(max_norm=0.0)
+    d2 = agg2(J * c[:, None])
+    assert torch.allclose(d2, d, rtol=0, atol=1e-7 * float(d.norm()))
+    assert torch.allclose(agg2.weights * c, alpha, rtol=1e-6, atol=0)
+    perm = list(range(T))
+    rnd.shuffle(perm)
+    agg3 = NashMTL(max_norm=0.0)
+    d3 = agg3(J[perm])
+    assert torch.allclose(d3, d, rtol=0, atol=1e-7 * float(d.norm()))
+    assert torch.allclose(agg3.weights, alpha[perm], rtol=1e-6, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(jacobians(max_tasks=6, max_dim=8, min_log_scale=-6, max_log_scale=6))
+def test_hard_inputs_finite_or_clear_error(J: torch.Tensor) -> None:
+    """Random, rank-deficient, duplicate, opposite and zero rows: a finite direction that
+    improves every non-zero task, or (only at a Pareto-stationary point) the documented error."""
+    agg = NashMTL()
+    try:
+        d = agg(J)
+    except NashMTLSolveError as err:
+        assert "no direction improves every task" in str(err) or "status" in str(err)
+        return
+    assert bool(torch.isfinite(d).all())
+    assert float(d.norm()) <= 1.0 + 1e-9
+    active = J.norm(dim=1) > 0
+    if bool(active.any()):
+        assert bool(((J @ d)[active] > 0).all())
+
+
+def test_two_tasks_closed_form_and_clipping() -> None:
+    J = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    agg = NashMTL(max_norm=0.0)
+    assert torch.allclose(agg(J), torch.tensor([1.0, 1.0], dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(agg.weights, torch.tensor([1.0, 0.25], dtype=torch.float64), atol=1e-7)
+    clipped = NashMTL()  # default max_norm = 1: ||d|| = sqrt(2) is clipped to 1
+    d = clipped(J)
+    assert abs(float(d.norm()) - 1.0) < 1e-12
+    assert torch.allclose(d, torch.tensor([1.0, 1.0], dtype=torch.float64) / 2**0.5, atol=1e-7)
+    assert torch.allclose(clipped.weights @ J, d)
+    one = NashMTL(max_norm=0.0)
+    assert torch.allclose(one(torch.tensor([[3.0, 4.0]])), torch.tensor([0.6, 0.8]))
+
+
+def test_zero_rows_and_float32() -> None:
+    J = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    agg = NashMTL(max_norm=0.0)
+    d = agg(J)
+    assert d.dtype == torch.float32
+    assert agg.weights[1] == 0
+    assert torch.allclose(d, torch.tensor([1.0, 1.0, 0.0]), atol=1e-5)
+    assert torch.equal(NashMTL()(torch.zeros(3, 4)), torch.zeros(4))
+
+
+def test_stationary_point_raises_then_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(NashMTLSolveError, match="no previous weights"):
+        NashMTL()(opposite)
+    with pytest.raises(NashMTLSolveError, match="Pareto-stationary"):
+        NashMTL(on_failure="raise")(opposite)
+    agg = NashMTL()
+    good = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    agg(good)
+    prev = agg.alpha.clone()  # the unclipped weights (1, 1/2)
+    with caplog.at_level(logging.WARNING, logger="torch_mtlgrad.aggregators.nashmtl"):
+        d = agg(opposite)
+    assert "reusing the previous weights" in caplog.text
+    assert float(agg.diagnostics["solve_failed"]) == 1.0
+    assert torch.equal(agg.alpha, prev)
+    # previous weights, not equal weights: ||prev @ opposite|| = 1/2 < max_norm, so no clipping
+    assert torch.equal(agg.weights, prev)
+    assert torch.allclose(d, prev @ opposite)
+
+
+def test_solver_failure_is_reported(monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    J = torch.tensor([[1.0, 0.2], [0.1, 2.0]], dtype=torch.float64)
+    agg = NashMTL()
+    agg(J)
+    prev = agg.alpha.clone()
+
+    def fail(self, *args, **kwargs):
+        raise cp.error.SolverError("simulated failure")
+
+    monkeypatch.setattr(cp.Problem, "solve", fail)
+    with pytest.raises(NashMTLSolveError, match="simulated failure"):
+        NashMTL(on_failure="raise")(J)
+    with pytest.raises(NashMTLSolveError, match="no previous weights"):
+        NashMTL()(J)
+    with caplog.at_level(logging.WARNING, logger="torch_mtlgrad.aggregators.nashmtl"):
+        agg(J * 1.5)
+    assert "simulated failure" in caplog.text and "previous weights" in caplog.text
+    assert torch.equal(agg.alpha, prev)
+    w = agg.weights
+    assert torch.allclose(w / w.norm(), prev / prev.norm())  # the previous ones, clipped
+    assert float(agg.diagnostics["solve_failed"]) == 1.0
+
+
+def test_failure_inside_the_sequence_keeps_the_last_iterate(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    J = torch.tensor([[1.0, 0.3, 0.0], [-0.2, 1.0, 0.5], [0.1, 0.1, 1.0]], dtype=torch.float64)
+    ref = NashMTL(max_norm=0.0)(J)
+    calls = {"n": 0}
+    real_solve = cp.Problem.solve
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise cp.error.SolverError("second solve fails")
+        return real_solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(cp.Problem, "solve", flaky)
+    agg = NashMTL(max_norm=0.0, tol=1e-300)  # never converged by the tolerance: keeps iterating
+    with caplog.at_level(logging.WARNING, logger="torch_mtlgrad.aggregators.nashmtl"):
+        d = agg(J)
+    assert "keeping the previous iterate" in caplog.text
+    assert float(agg.diagnostics["solve_failed"]) == 0.0
+    assert torch.allclose(d, ref, atol=1e-6)
+
+
+def test_update_weights_every_reuses_weights() -> None:
+    rng = np.random.default_rng(0)
+    agg = NashMTL(max_norm=0.0, update_weights_every=3)
+    Js = [torch.tensor(rng.standard_normal((3, 5)) + 1.5) for _ in range(4)]
+    agg(Js[0])
+    first = agg.weights.clone()
+    for J in Js[1:3]:
+        d = agg(J)
+        assert float(agg.diagnostics["solved"]) == 0.0
+        assert torch.equal(agg.weights, first)
+        assert torch.allclose(d, first @ J)
+    agg(Js[3])
+    assert float(agg.diagnostics["solved"]) == 1.0
+    assert not torch.allclose(agg.weights, first)
+
+
+def test_state_dict_roundtrip_gives_identical_next_output() -> None:
+    rng = np.random.default_rng(1)
+    Js = [torch.tensor(rng.standard_normal((4, 6)) + 1.0) for _ in range(5)]
+    for every in (1, 2):
+        a = NashMTL(update_weights_every=every)
+        for J in Js[:3]:
+            a(J)
+        state = a.state_dict()
+        b = NashMTL(update_weights_every=every)
+        b.load_state_dict(state)
+        for J in Js[3:]:
+            assert torch.equal(a(J), b(J))
+    with pytest.raises(ValueError, match="unknown keys"):
+        NashMTL().load_state_dict({"bogus": 1})
+
+
+def test_warm_start_and_validation() -> None:
+    J = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.2], [0.3, 0.0, 1.0]], dtype=torch.float64)
+    agg = NashMTL()
+    d1 = agg(J)
+    d2 = agg(J)  # starts at the previous solution: already converged
+    assert float(agg.diagnostics["iterations"]) == 1.0
+    assert torch.allclose(d1, d2, atol=1e-9)
+    with pytest.raises(ValueError, match="tracking 3 tasks"):
+        agg(J[:2])
+    agg.reset()
+    agg(J[:2])
+    with pytest.raises(ValueError, match="not installed"):
+        NashMTL(solver="NOSUCHSOLVER")
+    with pytest.raises(ValueError, match="optim_niter"):
+        NashMTL(optim_niter=0)
+    assert isinstance(get("nashmtl", max_norm=2.0), NashMTL)
