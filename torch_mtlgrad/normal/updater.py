@@ -25,6 +25,10 @@ Schedules (``every``):
 After every update (and once at construction) the positions are appended to ``history`` (the
 curves of the paper's Fig. 2); ``state_dict()`` holds the positions, the step count, the
 schedule and the history.
+
+On a GPU, ``post_step()`` compares the positions with their last value (``check_untouched``), one
+host synchronisation of ``T`` numbers per step; the block's forward already reads the positions
+on the host to size the Euler integration.
 """
 
 from __future__ import annotations
