@@ -119,3 +119,27 @@ def test_training_loop_with_checkpoint_through_the_optimizer(name: str) -> None:
     resumed = run(b, 4)
     assert all(torch.equal(u, v) for u, v in zip(cont, resumed))
     assert all(bool(torch.isfinite(v).all()) for v in cont)
+
+
+@pytest.mark.parametrize("name", ["mean", "central+tension"])
+@pytest.mark.parametrize("family", ["bernoulli", "gaussian"])
+def test_memory_lean_loop_with_per_task_backward_matches_backward_of_all(name: str, family: str) -> None:
+    """objective(t, .) + opt.task(t): one graph alive at a time, same gradients as opt.backward."""
+    x, y = batch()
+    grads = []
+    for lean in (False, True):
+        net, heads, mpps = build(family)
+        inner = torch.optim.SGD([*net.parameters(), *heads.parameters(), *mpps.parameters()], lr=0.1)
+        opt = MultiTaskOptimizer(inner, shared=net, aggregator=name, num_tasks=T)
+        opt.zero_grad()
+        if lean:
+            for t in range(T):
+                with mpps.task(t):
+                    obj = mpps.objective(t, ((heads[t](net(x)) - y[t]) ** 2).mean())
+                with opt.task(t, loss=obj):
+                    obj.backward()
+        else:
+            opt.backward(mpps.losses(lambda t: ((heads[t](net(x)) - y[t]) ** 2).mean()))
+        grads.append([p.grad.clone() for p in [*net.parameters(), *heads.parameters(), *mpps.parameters()]])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)

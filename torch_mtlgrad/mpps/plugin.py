@@ -27,8 +27,9 @@ Design decisions (what the paper leaves open):
       opt = torch.optim.Adam([{"params": net.parameters()},
                               {"params": mpps.parameters(), "lr": 1e-2}], lr=1e-3)
 
-  Under :class:`~torch_mtlgrad.MultiTaskOptimizer` they are task-specific parameters (do not put
-  them in ``shared=``), so they receive the plain sum of the task gradients.  That sum *is* each
+  Under :class:`~torch_mtlgrad.MultiTaskOptimizer` they are task-specific parameters: put them in
+  the *wrapped* optimizer (it only differentiates what that optimizer holds) and not in
+  ``shared=``; they then receive the plain sum of the task gradients.  That sum *is* each
   column's own-task gradient: ``losses[t]`` depends on ``phi[:, t]`` only (guest masks of task
   ``t`` are drawn from ``phi[:, t]``; owners use mask 1, and ownership, an argmax, carries no
   gradient; ``KL_t`` and the surrogate involve ``phi[:, t]`` only), so
@@ -51,8 +52,10 @@ Design decisions (what the paper leaves open):
 
 Sequential or batched (SPEC section 7, "say which is faster where"): :meth:`task` runs one forward
 per task (``T`` forwards and ``T`` graphs of the backbone; time about ``T x`` hard sharing, memory
-of ``T`` graphs held until backward); :meth:`batched` runs one forward on the batch repeated
-``T`` times (``[x; x; ...; x]``, task-major blocks) with block ``t`` masked for task ``t``.  Both
+of ``T`` graphs held until backward, or of one graph when each task's backward follows its
+forward: :meth:`objective` per task with ``MultiTaskOptimizer.task(t)``); :meth:`batched` runs one
+forward on the batch repeated ``T`` times (``[x; x; ...; x]``, task-major blocks) with block ``t``
+masked for task ``t``.  Both
 give the same losses for the same masks when the backbone treats samples independently; with
 BatchNorm in train mode the batched form normalises over all ``T`` copies at once, so it is a
 different (usually harmless) estimator.  The batched form is faster when one forward does not
@@ -225,7 +228,8 @@ class MPPS(nn.Module):
         self._mode: str | None = None  # None, "task" or "batched"
         self._active: list[Tensor] | None = None  # per layer: [N] or [T, N]
         self._drawn: dict[int, list[Tensor]] = {}  # task -> per-layer mask of its last context
-        self.diagnostics: dict[str, Tensor] = {}
+        self._diag_kl = torch.zeros(num_tasks, dtype=dtype, device=device)
+        self._diag_base = torch.zeros(num_tasks, dtype=dtype, device=device)
 
         if scheduler.value(0) < 1.0:
             # Only FullShare (or a custom schedule not starting exclusive): the first course's
@@ -444,18 +448,86 @@ class MPPS(nn.Module):
     def _target(self, i: int) -> Tensor:
         return getattr(self, f"target_{i}")
 
+    def _check_loss(self, t: int, loss: Any) -> None:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss of task {t} must be a scalar tensor")
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise ValueError(f"loss of task {t} is not finite ({loss.detach().item()})")
+        if t not in self._drawn:
+            raise RuntimeError(
+                f"task {t} has no mask drawn since its last objective: compute its loss inside "
+                "`with mpps.task(t):` or `with mpps.batched():`"
+            )
+
+    def objective(self, t: int, loss: Tensor) -> Tensor:
+        """Eq. (3) for one task: ``L_t + beta * KL_t + (s_t - s_t.detach())``.
+
+        ``loss`` is task ``t``'s loss computed under its last drawn mask (inside :meth:`task` or
+        :meth:`batched`).  For Bernoulli masks ``s_t = (L_t - b_t) * sum_guests log q(m_t;
+        phi[:, t])`` is the REINFORCE surrogate (``L_t`` detached, ``b_t`` the baseline): its value
+        is zero, so the result has the value ``L_t + beta * KL_t`` that loss-based aggregators
+        read, and its gradient in ``phi[:, t]`` is the score-function estimate of
+        ``d E_m[L_t] / d phi[:, t]`` (section 3.4).  Gaussian masks need no surrogate: ``L_t`` is
+        differentiable in ``phi`` through the mask.  The result depends on ``phi[:, t]`` only.
+
+        Per task, so a sequential loop can run backward right after each task's forward and keep
+        one graph alive at a time (with ``MultiTaskOptimizer``: ``with opt.task(t, loss=obj):
+        obj.backward()``).  Updates the task's baseline and ``diagnostics``.
+
+        Example:
+            >>> import torch; from torch import nn
+            >>> net = nn.Linear(3, 4)
+            >>> mpps = MPPS(net, 2, scheduler=3)
+            >>> with mpps.task(1):
+            ...     raw = net(torch.ones(2, 3)).pow(2).mean()
+            >>> obj = mpps.objective(1, raw)
+            >>> bool(torch.allclose(obj, raw + mpps.diagnostics["kl"][1]))
+            True
+        """
+        self._check_task(t)
+        self._check_loss(t, loss)
+        a_all = list(self.logits)
+        kl = sum(
+            kl_divergence(self.family, a[:, t], logit(self._target(i)[:, t])).sum() for i, a in enumerate(a_all)
+        )
+        value = loss.detach().reshape(()).to(self.baseline.dtype)
+        base = self._baseline_value()[t]
+        obj = loss.reshape(()) + self.beta * kl
+        if self.family == "bernoulli":
+            logp = sum(
+                (bernoulli_log_prob(self._drawn[t][i], a[:, t]) * (a.detach().argmax(-1) != t)).sum()
+                for i, a in enumerate(a_all)
+            )
+            surrogate = (value - base) * logp
+            obj = obj + (surrogate - surrogate.detach())
+        if self.baseline_decay is not None:
+            with torch.no_grad():
+                d = self.baseline_decay
+                self.baseline[t] = d * self.baseline[t] + (1.0 - d) * value
+                self.baseline_weight[t] = d * self.baseline_weight[t] + (1.0 - d)
+        del self._drawn[t]
+        self._diag_kl[t] = kl.detach()
+        self._diag_base[t] = base
+        return obj
+
+    def _baseline_value(self) -> Tensor:
+        """Bias-corrected EMA ``b_t`` of past losses (0 before the first step or without baseline)."""
+        if self.baseline_decay is None:
+            return torch.zeros_like(self.baseline)
+        w = self.baseline_weight
+        return torch.where(w > 0, self.baseline / w.clamp_min(1e-30), torch.zeros_like(w))
+
+    @property
+    def diagnostics(self) -> dict[str, Tensor]:
+        """Of the last objectives: ``kl`` ([T], the KL terms), ``baseline`` ([T], the baselines
+        used) and ``ec`` (EC of ``Phi`` now)."""
+        return {"kl": self._diag_kl.clone(), "baseline": self._diag_base.clone(), "ec": self.ec().detach()}
+
     def regularize(self, task_losses: Sequence[Tensor]) -> list[Tensor]:
-        """Turn the ``T`` masked task losses into the per-task objectives of eq. (3).
+        """:meth:`objective` for every task: the ``T`` masked task losses -> the ``T`` objectives.
 
-        ``out[t] = L_t + beta * KL_t + (s_t - s_t.detach())`` where, for Bernoulli masks,
-        ``s_t = (L_t - b_t) * sum_guests log q(m_t; phi[:, t])`` is the REINFORCE surrogate
-        (``L_t`` detached, ``b_t`` the baseline); its value is zero, so ``out[t]`` has the value
-        ``L_t + beta * KL_t`` that loss-based aggregators read, and its gradient in ``phi[:, t]``
-        is the score-function estimate of ``d E_m[L_t] / d phi[:, t]`` (section 3.4).  Gaussian
-        masks need no surrogate: ``L_t`` is differentiable in ``phi`` through the mask.
-
-        Each task's loss must have been computed inside :meth:`task` or :meth:`batched` since the
-        last call.  Updates the baselines and ``diagnostics`` (``kl``, ``baseline``, ``ec``).
+        Everything is checked before anything is updated (count, scalars, finite values, a mask
+        drawn for every task since its last objective).
 
         Example:
             >>> import torch; from torch import nn
@@ -474,51 +546,8 @@ class MPPS(nn.Module):
             got = "a tensor" if isinstance(task_losses, Tensor) else f"{len(task_losses)}"
             raise ValueError(f"regularize needs a sequence of {t_count} task losses, got {got}")
         for t, loss in enumerate(task_losses):
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"loss of task {t} must be a scalar tensor")
-            if not bool(torch.isfinite(loss.detach()).all()):
-                raise ValueError(f"loss of task {t} is not finite ({loss.detach().item()})")
-        missing = [t for t in range(t_count) if t not in self._drawn]
-        if missing:
-            raise RuntimeError(
-                f"tasks {missing} have no mask drawn since the last regularize(): compute their "
-                "losses inside `with mpps.task(t):` or `with mpps.batched():`"
-            )
-        kl = self.kl()
-        values = torch.stack([loss.detach().reshape(()) for loss in task_losses]).to(self.baseline.dtype)
-        base = self._baseline_value()
-        out: list[Tensor] = []
-        for t, loss in enumerate(task_losses):
-            obj = loss.reshape(()) + self.beta * kl[t]
-            if self.family == "bernoulli":
-                logp = None
-                for i, a in enumerate(self.logits):
-                    guest = a.detach().argmax(-1) != t
-                    lp = (bernoulli_log_prob(self._drawn[t][i], a[:, t]) * guest).sum()
-                    logp = lp if logp is None else logp + lp
-                assert logp is not None
-                surrogate = (values[t] - base[t]) * logp
-                obj = obj + (surrogate - surrogate.detach())
-            out.append(obj)
-        if self.baseline_decay is not None:
-            with torch.no_grad():
-                d = self.baseline_decay
-                self.baseline.mul_(d).add_((1.0 - d) * values)
-                self.baseline_weight.mul_(d).add_(1.0 - d)
-        self._drawn = {}
-        self.diagnostics = {
-            "kl": kl.detach(),
-            "baseline": base,
-            "ec": self.ec().detach(),
-        }
-        return out
-
-    def _baseline_value(self) -> Tensor:
-        """Bias-corrected EMA ``b_t`` of past losses (0 before the first step or without baseline)."""
-        if self.baseline_decay is None:
-            return torch.zeros_like(self.baseline)
-        w = self.baseline_weight
-        return torch.where(w > 0, self.baseline / w.clamp_min(1e-30), torch.zeros_like(w))
+            self._check_loss(t, loss)
+        return [self.objective(t, loss) for t, loss in enumerate(task_losses)]
 
     def losses(self, task_loss: Callable[[int], Tensor]) -> list[Tensor]:
         """One training step's objectives, sequential form: the one call per step.
