@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._flat import FlatLayout
-from .aggregators import Aggregator, get
+from .aggregators import Aggregator, Tensioned, WeightedAggregator, get
+from .capture import capture_batched, capture_feature, capture_loop, encoder_vjp, feature_gradients
 from .diagnostics import step_diagnostics
 from .plugins import plugin_state
 
@@ -33,6 +34,8 @@ __all__ = ["MultiTaskOptimizer"]
 log = logging.getLogger(__name__)
 
 _STATE_KEY = "mtlgrad"
+_CAPTURES = ("auto", "loop", "batched", "feature", "representation")
+_NONFINITE = ("raise", "skip", "unchecked")
 
 
 def _resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
@@ -69,10 +72,31 @@ class MultiTaskOptimizer(Optimizer):
             through a ``parameters()`` method (they receive their summed gradient too).
         conflict_noticing: CoNAL's conflict noticing on these shared modules (input to output),
             run before any other plugin; see :mod:`torch_mtlgrad.conal`.
+        capture: how ``J`` is built (all exact modes give the same ``J``; see
+            :mod:`torch_mtlgrad.capture`):
+
+            * ``"loop"``: one backward pass per task.
+            * ``"batched"``: one batched backward over the whole graph (vmap over tasks).
+            * ``"feature"``: needs ``backward(losses, features=z)`` with ``z`` the shared encoder's
+              output; per-task backward through the heads only, then one batched pass through
+              the encoder.  Exact when the losses reach the shared parameters only through ``z``.
+            * ``"representation"``: needs ``features=`` too.  An approximation (as MGDA-UB): the
+              aggregator combines the gradients with respect to ``z`` and the encoder is
+              backpropagated once with the combined gradient.  Only for aggregators that read
+              just the Gramian (and their ``+tension``); plugins on ``J`` cannot run in it.
+            * ``"auto"`` (default): ``"feature"`` when ``features=`` is given, else ``"loop"``.
+
+            When a batched pass cannot run on a model (vmap limits), the step falls back to the
+            loop with one warning, and stays on it.
+        chunk_size: batched modes process at most this many tasks per backward pass (bounds the
+            memory of the batched gradients to ``chunk_size x D``); ``None``: all at once.
         nonfinite: ``"raise"`` (default): a NaN/Inf loss or task gradient is an error naming the
             task (and the first bad parameter); ``"skip"``: that step is skipped (``step()`` does
             nothing), counted in ``skipped_steps`` and logged.  Either way parameters, optimizer
-            state and aggregator state are left untouched.
+            state and aggregator state are left untouched.  Both synchronise with the device to
+            look.  ``"unchecked"``: no check at all (no synchronisation; non-finite values
+            propagate as they would with plain ``backward()``); use with ``GradScaler`` or when a
+            step must stay on the device.
         diagnostics: compute per-step diagnostics (task weights, gradient norms, pairwise cosines,
             each gradient's angle to the direction, and the aggregator's own, e.g. ``c`` and
             ``delta`` for tensioners) into :attr:`diagnostics`.  Costs one more ``J J^T``.
@@ -102,6 +126,8 @@ class MultiTaskOptimizer(Optimizer):
         num_tasks: int | None = None,
         plugins: Sequence[Any] = (),
         conflict_noticing: Sequence[nn.Module] | None = None,
+        capture: str = "auto",
+        chunk_size: int | None = None,
         nonfinite: str = "raise",
         diagnostics: bool = True,
     ) -> None:
@@ -109,8 +135,12 @@ class MultiTaskOptimizer(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("optimizer is already a MultiTaskOptimizer")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if capture not in _CAPTURES:
+            raise ValueError(f"capture must be one of {_CAPTURES}, got {capture!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
             raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
         params, names = _resolve_shared(shared)
@@ -136,6 +166,12 @@ class MultiTaskOptimizer(Optimizer):
             if callable(bind):
                 bind(layout)
         self.num_tasks = num_tasks
+        self.capture = capture
+        self.chunk_size = chunk_size
+        if capture == "representation":
+            self._check_representation()
+        self._batched_failed = False
+        self._batched_proven = False
         self.nonfinite = nonfinite
         self.compute_diagnostics = diagnostics
         self.diagnostics: dict[str, Tensor] = {}
@@ -261,45 +297,113 @@ class MultiTaskOptimizer(Optimizer):
 
     # -- Capture: per-task backward passes -----------------------------------------------------
     def _buffer(self, T: int) -> Tensor:
-        dtype = torch.float64 if self.layout.dtype == torch.float64 else torch.float32
+        dtype = self._work_dtype()
         if self._J is None or self._J.shape[0] != T or self._J.dtype != dtype:
             self._J = torch.empty(T, self.layout.numel, dtype=dtype, device=self.layout.device)
         return self._J
 
-    def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False) -> None:
+    def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False,
+                 features: Tensor | None = None) -> None:
         """Replace ``sum(losses).backward()``: capture each task's gradient of the shared
         parameters into a row of ``J``, combine them, and write the direction into their ``.grad``.
 
+        Args:
+            losses: one scalar loss per task (a sequence, or a 1-D tensor).
+            retain_graph: keep the graph after the step (as ``backward(retain_graph=True)``).
+            features: the shared encoder's output ``z`` the heads read; enables the
+                ``"feature"`` and ``"representation"`` capture modes.
+
         Task-specific parameters (and tensors that plugins list) get the sum of the task
         gradients, accumulated into ``.grad`` as ``backward()`` does.  Nothing is written when a
-        check fails.  ``retain_graph`` keeps the graph after the last task.
+        check fails.
         """
         losses = self._check_losses(losses)
         if self._hook_rows or self._in_task is not None:
             raise RuntimeError("backward() called while a legacy task() capture is pending")
+        mode = self._mode(features)
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
-        if not bool(torch.isfinite(values).all()):
+        if self.nonfinite != "unchecked" and not bool(torch.isfinite(values).all()):
             t = int((~torch.isfinite(values)).nonzero()[0])
             self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
             return
-        T = len(losses)
-        J = self._buffer(T)
-        shared = self.layout.params
         specific = self._specific_params()
-        inputs = [*shared, *specific]
-        n = len(shared)
-        acc: list[Tensor | None] = [None] * len(specific)
-        for t, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss.reshape(()), inputs, retain_graph=retain_graph or t < T - 1,
-                                        allow_unused=True)
-            missing = self.layout.fill_row(J[t], grads[:n])
-            if len(missing) == n:
-                self._warn_zero(t)
-            for i, g in enumerate(grads[n:]):
-                if g is not None:
-                    acc[i] = g if acc[i] is None else acc[i] + g
-        prior = [p.grad for p in shared]
+        prior = [p.grad for p in self.layout.params]
+        if mode == "representation":
+            assert features is not None
+            Z, acc = feature_gradients(losses, features, specific, self._work_dtype())
+            Z = Z.reshape(len(losses), -1)
+
+            def lift(dz: Tensor) -> Tensor:
+                d = torch.empty(self.layout.numel, dtype=dz.dtype, device=dz.device)
+                encoder_vjp(features, dz, self.layout, d, retain_graph=retain_graph)
+                return d
+
+            self._finish(Z, values, prior, lambda: self._write_specific(specific, acc), lift=lift,
+                         what="the shared features")
+            return
+        J = self._buffer(len(losses))
+        acc = self._capture(mode, losses, features, specific, J, retain_graph)
         self._finish(J, values, prior, lambda: self._write_specific(specific, acc))
+
+    def _mode(self, features: Tensor | None) -> str:
+        mode = self.capture
+        if mode == "auto":
+            mode = "feature" if features is not None else "loop"
+        if mode in ("feature", "representation"):
+            if features is None:
+                raise ValueError(f"capture={mode!r} needs the shared features: opt.backward(losses, "
+                                 "features=z)")
+            if not isinstance(features, Tensor) or not features.requires_grad:
+                raise ValueError("features must be the shared encoder's output tensor (requiring grad)")
+        if mode in ("batched", "feature") and self._batched_failed:
+            mode = "loop"
+        return mode
+
+    def _capture(self, mode: str, losses: list[Tensor], features: Tensor | None,
+                 specific: list[Tensor], J: Tensor, retain_graph: bool) -> list[Tensor | None]:
+        if mode in ("batched", "feature"):
+            # Until a batched pass has worked once, keep the graph so the loop can take over.
+            keep = retain_graph or not self._batched_proven
+            try:
+                if mode == "batched":
+                    acc = capture_batched(losses, self.layout, specific, J, keep, self.chunk_size)
+                else:
+                    assert features is not None
+                    acc = capture_feature(losses, features, self.layout, specific, J, keep,
+                                          self.chunk_size)
+                self._batched_proven = True
+            except (RuntimeError, NotImplementedError) as err:
+                if self._batched_proven:
+                    raise
+                self._batched_failed = True
+                warnings.warn(f"capture={mode!r} cannot run on this model ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); falling back to the per-task loop",
+                              RuntimeWarning, stacklevel=3)
+                mode = "loop"
+            else:
+                if self.nonfinite != "unchecked":
+                    self._warn_zero_rows(J)
+                return acc
+        acc, zero_rows = capture_loop(losses, self.layout, specific, J, retain_graph)
+        for t in zero_rows:
+            self._warn_zero(t)
+        return acc
+
+    def _warn_zero_rows(self, J: Tensor) -> None:
+        for t in (~(J != 0).any(dim=1)).nonzero().flatten().tolist():
+            self._warn_zero(t)
+
+    def _work_dtype(self) -> torch.dtype:
+        return torch.float64 if self.layout.dtype == torch.float64 else torch.float32
+
+    def _check_representation(self) -> None:
+        agg = self.aggregator
+        base = agg.base if isinstance(agg, Tensioned) else agg
+        if not (base.gramian_only or isinstance(base, WeightedAggregator)):
+            raise ValueError(f"capture='representation' needs an aggregator that reads only the Gramian "
+                             f"(or a fixed weighting); {type(base).__name__} reads J itself")
+        if self.plugins:
+            raise ValueError("capture='representation' cannot run plugins on J (there is no J)")
 
     def _warn_zero(self, t: int) -> None:
         if t not in self._warned_zero:
@@ -346,7 +450,7 @@ class MultiTaskOptimizer(Optimizer):
                 p.grad = None
         row = self._hook_rows.get(t)
         if row is None:
-            dtype = torch.float64 if self.layout.dtype == torch.float64 else torch.float32
+            dtype = self._work_dtype()
             row = torch.zeros(self.layout.numel, dtype=dtype, device=self.layout.device)
             self._hook_rows[t] = row
         views = self.layout.views(row)
@@ -391,10 +495,11 @@ class MultiTaskOptimizer(Optimizer):
         J = self._buffer(T)
         for t in range(T):
             J[t].copy_(rows[t])
-            if not bool(rows[t].any()):
-                self._warn_zero(t)
+        checked = self.nonfinite != "unchecked"
+        if checked:
+            self._warn_zero_rows(J)
         values = torch.stack([losses[t] for t in range(T)]).to(J.dtype) if losses else None
-        if values is not None and not bool(torch.isfinite(values).all()):
+        if checked and values is not None and not bool(torch.isfinite(values).all()):
             t = int((~torch.isfinite(values)).nonzero()[0])
             self._restore(stash)
             self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
@@ -415,16 +520,26 @@ class MultiTaskOptimizer(Optimizer):
 
     # -- Aggregate and write back ----------------------------------------------------------------
     def _finish(self, J: Tensor, values: Tensor | None, prior: list[Tensor | None],
-                write_specific: Callable[[], None] | None) -> bool:
-        """Check, transform, aggregate, write.  Returns False when the step is skipped."""
+                write_specific: Callable[[], None] | None,
+                lift: Callable[[Tensor], Tensor] | None = None, what: str = "") -> bool:
+        """Check, transform, aggregate, write.  Returns False when the step is skipped.
+
+        ``lift`` maps the aggregated direction to the shared parameters (representation mode,
+        where ``J`` holds the gradients with respect to the features, described by ``what``).
+        """
         T = J.shape[0]
-        finite = torch.isfinite(J).all(dim=1)
-        if not bool(finite.all()):
-            t = int((~finite).nonzero()[0])
-            bad = next(self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
-                       if not bool(torch.isfinite(v).all()))
-            self._nonfinite(f"task {t} has a non-finite gradient in shared parameter {bad!r}")
-            return False
+        if self.nonfinite != "unchecked":
+            finite = torch.isfinite(J).all(dim=1)
+            if not bool(finite.all()):
+                t = int((~finite).nonzero()[0])
+                if lift is not None:
+                    where = what
+                else:
+                    where = "shared parameter " + repr(next(
+                        self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
+                        if not bool(torch.isfinite(v).all())))
+                self._nonfinite(f"task {t} has a non-finite gradient in {where}")
+                return False
         if self.aggregator.needs_losses and values is None:
             raise ValueError(
                 f"{type(self.aggregator).__name__} reads the loss values: in a legacy loop pass them "
@@ -435,10 +550,11 @@ class MultiTaskOptimizer(Optimizer):
         for plugin in self.plugins:
             Jw = plugin.transform(Jw, lw)
         d = self.aggregator(Jw, lw)
+        d_params = lift(d) if lift is not None else d
         # Everything is checked and computed: only now is anything written.
         if self.num_tasks is None:
             self.num_tasks = T
-        self._write_shared(d, prior)
+        self._write_shared(d_params, prior)
         if write_specific is not None:
             write_specific()
         self._skip = False

@@ -84,7 +84,8 @@ def get(name: str, **kwargs: Any) -> Aggregator:
             raise ValueError(f"{base!r} is a loss weighting, not a direction: it takes no '+tension'")
         from .tension import Tensioned
 
-        tension_keys = ("alpha", "window", "loss_term", "feasibility", "scale")
+        tension_keys = ("alpha", "window", "loss_term", "feasibility", "scale", "solver",
+                        "check_losses", "solver_iters")
         tkw = {k: kwargs.pop(k) for k in tension_keys if k in kwargs}
         return Tensioned(_resolve(base)(**kwargs), **tkw)
     return _resolve(base)(**kwargs)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._base import Aggregator
-from ._solvers import dual_cone_weights
+from ._solvers import dual_cone_weights, dual_cone_weights_pgd
 
 __all__ = ["Tensioned", "tension_factors"]
 
@@ -71,6 +71,13 @@ class Tensioned(Aggregator):
         loss_term: include ``log10(L_m)`` in ``delta_m`` (eq. 6); needs positive losses.
         feasibility: ``"project"`` (default) or ``"segment"`` (the authors' fix); see module doc.
         scale: ``"unit"`` (default, the paper's) or ``"relative"`` (tensions times ``||v||``).
+        solver: the projection's dual solver: ``"exact"`` (default; active set in float64 on the
+            CPU, run only when a constraint fails, so it synchronises) or ``"pgd"`` (``solver_iters``
+            fixed projected-gradient steps on the device, always run; approximate, sync-free).
+        check_losses: with ``loss_term``, raise on a non-positive loss (synchronises).  With
+            ``False`` a non-positive loss is clamped to the smallest positive float (a very
+            negative log term, so no pull toward that task) and nothing synchronises.
+        solver_iters: iterations of the ``"pgd"`` solver.
 
     Diagnostics of the last call (``agg.diagnostics``): ``c``, ``delta`` (NaN during warm-up),
     ``angle_base`` and ``angle`` (degrees between each ``g_m`` and ``v`` / the final direction),
@@ -91,7 +98,8 @@ class Tensioned(Aggregator):
 
     def __init__(self, base: Aggregator, alpha: float = 0.3, window: int = 10,
                  loss_term: bool = True, feasibility: Feasibility = "project",
-                 scale: Scale = "unit") -> None:
+                 scale: Scale = "unit", solver: str = "exact", check_losses: bool = True,
+                 solver_iters: int = 200) -> None:
         super().__init__()
         if not isinstance(base, Aggregator):
             raise TypeError(f"base must be an Aggregator, got {type(base).__name__}")
@@ -105,12 +113,17 @@ class Tensioned(Aggregator):
             raise ValueError(f"feasibility must be 'project' or 'segment', got {feasibility!r}")
         if scale not in ("unit", "relative"):
             raise ValueError(f"scale must be 'unit' or 'relative', got {scale!r}")
+        if solver not in ("exact", "pgd"):
+            raise ValueError(f"solver must be 'exact' or 'pgd', got {solver!r}")
         self.base = base
         self.alpha = float(alpha)
         self.window = window
         self.loss_term = loss_term
         self.feasibility = feasibility
         self.scale = scale
+        self.solver = solver
+        self.check_losses = check_losses
+        self.solver_iters = solver_iters
         self.history: Tensor | None = None  # [window + 1, T] gradient norms, oldest first
         self.count = 0  # calls recorded so far
 
@@ -129,6 +142,8 @@ class Tensioned(Aggregator):
         if self.loss_term:
             if losses is None:
                 raise ValueError("Tensioned with loss_term=True needs the loss values: agg(J, losses)")
+            if not self.check_losses:
+                return
             bad = (~(losses > 0)).nonzero().flatten()
             if bad.numel():
                 t = int(bad[0])
@@ -158,7 +173,11 @@ class Tensioned(Aggregator):
         zeta_prev = self.history[:-1].mean(0)
         ratio = torch.where(zeta_prev > 0, zeta_t / zeta_prev.clamp_min(torch.finfo(J.dtype).tiny),
                             torch.ones_like(zeta_t))
-        delta = ratio + torch.log10(losses) if self.loss_term else ratio  # type: ignore[arg-type]
+        if self.loss_term:
+            assert losses is not None
+            delta = ratio + torch.log10(losses.clamp_min(torch.finfo(losses.dtype).tiny))
+        else:
+            delta = ratio
         c = tension_factors(delta, self.alpha)
         diag = torch.diagonal(G)
         diff_sq = (diag - 2 * Jv + vv).clamp_min(0)
@@ -183,11 +202,16 @@ class Tensioned(Aggregator):
                 omega = s * omega
                 omega[m] = omega[m] + (1 - s)
                 Jvn = s * Jvn + (1 - s) * G[:, m]
-        tol = 1e2 * eps * norms * (beta.abs() * vv.sqrt() + omega.abs() @ norms)
-        if bool((Jvn < -tol).any()):
-            lam = dual_cone_weights(G, Jvn)
+        if self.solver == "pgd":
+            lam = dual_cone_weights_pgd(G, Jvn, self.solver_iters)
             omega = omega + lam
             Jvn = Jvn + G @ lam
+        else:
+            tol = 1e2 * eps * norms * (beta.abs() * vv.sqrt() + omega.abs() @ norms)
+            if bool((Jvn < -tol).any()):
+                lam = dual_cone_weights(G, Jvn)
+                omega = omega + lam
+                Jvn = Jvn + G @ lam
         d = beta * v + omega @ J
         self.weights = beta * base_w + omega if base_w is not None else None
         dd = d @ d
