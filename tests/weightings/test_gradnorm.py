@@ -1,0 +1,124 @@
+"""GradNorm: its update equations by hand in float64 over several steps, properties and state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_mtlgrad.aggregators import get
+from torch_mtlgrad.weightings import GradNorm
+
+from ..strategies import jacobians
+from ._reference import make
+
+
+def reference_steps(Js: list[np.ndarray], Ls: list[np.ndarray], alpha: float, opt: str,
+                    lr: float, layer: tuple[int, int] | None) -> tuple[list, list]:
+    T = Js[0].shape[0]
+    w = make(opt, np.ones(T), lr)
+    L0 = Ls[0]
+    used, after = [], []
+    for J, L in zip(Js, Ls):
+        cols = J if layer is None else J[:, layer[0]:layer[1]]
+        n = np.sqrt((cols * cols).sum(axis=1))
+        gw = w.x * n  # G_W^(i) = ||w_i g_i||
+        ratio = (L / L0) / np.mean(L / L0)  # r_i
+        target = gw.mean() * ratio**alpha  # held constant
+        used.append(w.x.copy())
+        w.step(np.sign(gw - target) * n)  # d/dw_i sum_j |G_W^(j) - target_j|
+        x = np.maximum(w.x, 0)
+        w.x = x * T / x.sum()  # renormalise to sum T
+        after.append(w.x.copy())
+    return used, after
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1), st.sampled_from(["adam", "sgd"]),
+       st.floats(1e-3, 0.2), st.floats(0.0, 3.0), st.booleans())
+def test_matches_hand_computed_updates(T: int, seed: int, opt: str, lr: float, alpha: float,
+                                       use_layer: bool) -> None:
+    rng = np.random.default_rng(seed)
+    Js = [rng.standard_normal((T, 6)) * rng.uniform(0.5, 2, size=(T, 1)) for _ in range(6)]
+    Ls = [rng.uniform(0.1, 4.0, size=T) for _ in range(6)]
+    layer = (2, 5) if use_layer else None
+    used, after = reference_steps(Js, Ls, alpha, opt, lr, layer)
+    agg = GradNorm(alpha=alpha, lr=lr, optimizer=opt, layer=layer)
+    for k, (J, L) in enumerate(zip(Js, Ls)):
+        d = agg(torch.tensor(J), torch.tensor(L))
+        assert np.allclose(agg.weights.numpy(), used[k], rtol=1e-10, atol=1e-12)
+        assert np.allclose(d.numpy(), used[k] @ J, rtol=1e-10, atol=1e-12)
+        assert np.allclose(agg.task_weights.numpy(), after[k], rtol=1e-10, atol=1e-12)
+        assert abs(float(agg.task_weights.sum()) - T) < 1e-9
+
+
+def test_balances_gradient_norms() -> None:
+    """With equal training rates the weighted norms w_i ||g_i|| are driven to a common value."""
+    J = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    L = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    agg = GradNorm(lr=0.01, optimizer="sgd")
+    tail = []
+    for step in range(1000):
+        agg(J, L)
+        if step >= 800:
+            tail.append(agg.task_weights.clone())
+    # The L1 loss's sign steps oscillate around the balance w = (1.6, 0.4), where
+    # w_1 ||g_1|| = w_2 ||g_2|| = 1.6 and w_1 + w_2 = 2; on average they sit on it.
+    w = torch.stack(tail).mean(0)
+    assert torch.allclose(w, torch.tensor([1.6, 0.4], dtype=torch.float64), atol=0.01)
+
+
+@settings(max_examples=40, deadline=None)
+@given(jacobians(max_tasks=6, min_log_scale=-6, max_log_scale=6), st.randoms(use_true_random=False))
+def test_finite_zero_rows_and_permutation_equivariant(J: torch.Tensor, rnd) -> None:
+    T = J.shape[0]
+    perm = list(range(T))
+    rnd.shuffle(perm)
+    a, b = GradNorm(), GradNorm()
+    for step in range(3):
+        L = torch.linspace(1.0, 2.0, T, dtype=J.dtype) / (1 + step)
+        da, db = a(J, L), b(J[perm], L[perm])
+        assert bool(torch.isfinite(da).all()) and bool(torch.isfinite(a.task_weights).all())
+        assert torch.allclose(da, db, rtol=1e-9, atol=1e-9 * float(J.abs().max()))
+        assert torch.allclose(a.task_weights[perm], b.task_weights, rtol=1e-9, atol=1e-12)
+
+
+def test_gramian_path_equals_row_norm_path() -> None:
+    J = torch.randn(4, 7, dtype=torch.float64)
+    L = torch.rand(4, dtype=torch.float64) + 0.5
+    a, b = GradNorm(lr=0.1), GradNorm(lr=0.1)
+    w_rows = a.weighting(J, None, L)
+    w_gram = b.weighting(J, J @ J.T, L)
+    assert torch.equal(w_rows, w_gram)
+    assert torch.allclose(a.task_weights, b.task_weights, rtol=1e-12)
+
+
+def test_state_dict_roundtrip_gives_identical_next_output() -> None:
+    rng = np.random.default_rng(0)
+    steps = [(torch.tensor(rng.standard_normal((3, 4))), torch.tensor(rng.uniform(0.1, 2, 3)))
+             for _ in range(6)]
+    a = GradNorm()
+    for J, L in steps[:3]:
+        a(J, L)
+    b = GradNorm()
+    b.load_state_dict(a.state_dict())
+    for J, L in steps[3:]:
+        assert torch.equal(a(J, L), b(J, L))
+
+
+def test_validation_and_registry() -> None:
+    with pytest.raises(ValueError, match="task 1 has initial loss"):
+        GradNorm()(torch.ones(2, 3), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="needs the loss values"):
+        GradNorm()(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="layer"):
+        GradNorm(layer=(3, 1))
+    with pytest.raises(ValueError, match="outside"):
+        GradNorm(layer=(0, 9))(torch.ones(2, 3), torch.ones(2))
+    agg = get("gradnorm", alpha=0.5)
+    assert isinstance(agg, GradNorm) and agg.alpha == 0.5
+    assert agg(torch.ones(2, 3), torch.ones(2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="tension"):
+        get("gradnorm+tension")
