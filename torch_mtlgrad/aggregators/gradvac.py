@@ -22,7 +22,9 @@ Choices the paper leaves open (documented, tested):
   runs on the rows of ``J`` as given, i.e. the whole model (or whatever block of parameters the
   optimizer aggregates together).
 * A pair involving a zero gradient has no cosine: it is skipped (no correction, and its EMA is
-  not updated).
+  not updated).  This includes a ``g_i^PC`` that earlier corrections made (numerically) zero,
+  e.g. for colinear opposite gradients: from ``G`` its squared norm is only known to about
+  ``eps (sum_k |C_ik| ||g_k||)^2``, and below ``100`` times that it counts as zero.
 * ``sqrt(1 - phi_hat^2)`` is floored at ``eps`` so that a target of exactly +-1 gives a large but
   finite correction.  The correction and the EMA use ``phi_ij`` clamped to ``[-1, 1]``.
 
@@ -112,14 +114,19 @@ class GradVac(WeightedAggregator):
         CG = G.clone()  # row i: g_i^PC . g_k for every k
         norm_j = torch.diagonal(G).clamp_min(0).sqrt()
         tiny = torch.finfo(G.dtype).tiny
+        # ||g_i^PC||^2 = C_i G C_i^T carries a rounding error of about eps (sum_k |C_ik| ||g_k||)^2:
+        # below that level g_i^PC is numerically zero and its cosine is noise.
+        zero_tol = 100 * torch.finfo(G.dtype).eps
         cosines = torch.full((T, T), float("nan"), dtype=G.dtype, device=G.device)
         count = torch.zeros((), dtype=torch.int64, device=G.device)
         for k in range(max(T - 1, 0)):
             j = perms[:, k]
             dot = CG[rows, j]
-            norm_i = (CG * C).sum(dim=1).clamp_min(0).sqrt()
+            norm_sq = (CG * C).sum(dim=1)
+            mass = C.abs() @ norm_j
+            norm_i = norm_sq.clamp_min(0).sqrt()
             denom = norm_i * norm_j[j]
-            valid = denom > tiny
+            valid = (denom > tiny) & (norm_sq > zero_tol * mass * mass)
             phi = torch.where(valid, dot / denom.clamp_min(tiny), torch.zeros_like(dot))
             phi = phi.clamp(-1.0, 1.0)
             target = phi_hat[rows, j]

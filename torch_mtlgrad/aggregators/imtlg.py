@@ -22,11 +22,11 @@ Multi-Objective Optimization", 2024) that TorchJD implements: eigenvalues below
 weights are 0 and ``d = 0``, the Pareto-stationary answer.
 
 Computed from ``G`` only, in float64 (a ``T x T`` eigendecomposition, which synchronises with a
-CUDA device).  The direction is invariant, up to a positive factor, to rescaling any row by a
-positive number (``u_t`` does not change) whenever ``1^T G^{-1} n > 0``.  (For ``T >= 3`` with
+CUDA device).  Rescaling the rows by ``k_t > 0`` leaves every ``u_t``, hence the direction, unchanged
+up to the factor ``1 / sum_t (alpha_t / k_t)`` that restores ``sum alpha = 1``.  (For ``T >= 3`` with
 very unequal norms ``1^T G^{-1} n`` can be negative: the paper's normalisation ``sum alpha = 1``
 then gives equal but negative projections; kept as the paper defines it, and reported in
-``diagnostics["projection"]``, the common value ``d . u_t``.)
+``diagnostics["projections"]``, the values ``d . u_t``.)
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class IMTLG(WeightedAggregator):
 
     Computed from ``G = J J^T`` only (see the module docstring for the closed form and the
     pseudo-inverse generalisation).  ``weights`` sum to 1 (or are all 0 when no weighting with
-    equal projections exists).  ``diagnostics["projection"]``: the common value ``d . u_t``
-    (``1 / (1^T G^+ n)``; 0 when the weights are 0).
+    equal projections exists).  ``diagnostics["projections"]``: ``d . u_t`` per task (0 for a
+    zero row); all equal, to ``1 / (1^T G^+ n)``, whenever an equal-projection weighting exists
+    (the pseudo-inverse gives the least-squares solution otherwise).
 
     Example:
         >>> import torch
@@ -110,7 +111,7 @@ class IMTLG(WeightedAggregator):
         nz = n > 0
         proj = torch.where(nz, (G @ w) / torch.where(nz, n, torch.ones_like(n)),
                            torch.zeros_like(n))
-        self.diagnostics = {"projection": proj.max() if proj.numel() else proj.sum()}
+        self.diagnostics = {"projections": proj}
         return w
 
     def __repr__(self) -> str:

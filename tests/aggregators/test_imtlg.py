@@ -1,0 +1,109 @@
+"""IMTL-G (Liu et al. 2021) against the paper's closed form on J in float64 numpy and against
+TorchJD 0.18; equal projections, invariance to row scaling, degenerate inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from torch_mtlgrad.aggregators.imtlg import IMTLG, imtlg_weights
+
+from ..strategies import jacobians
+
+
+def paper_closed_form(J: np.ndarray) -> np.ndarray:
+    """alpha_{2:T} = g_1 U^T (D U^T)^{-1}, alpha_1 = 1 - sum alpha_{2:T} (rows of D: g_1 - g_t,
+    rows of U: u_1 - u_t)."""
+    u = J / np.linalg.norm(J, axis=1, keepdims=True)
+    Dm = J[0] - J[1:]
+    Um = u[0] - u[1:]
+    rest = J[0] @ Um.T @ np.linalg.inv(Dm @ Um.T)
+    return np.concatenate([[1 - rest.sum()], rest])
+
+
+@settings(max_examples=40, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=12, min_log_scale=-6, max_log_scale=6,
+                   kinds=("random", "orthogonal")))
+def test_matches_paper_closed_form(J: torch.Tensor) -> None:
+    assume(J.shape[1] >= J.shape[0])  # the paper's inverse exists for independent gradients
+    Jn = J.numpy()
+    s = np.linalg.svd(Jn, compute_uv=False)
+    assume(s[-1] > 1e-4 * s[0])
+    alpha_ref = paper_closed_form(Jn)
+    agg = IMTLG()
+    d = agg(J)
+    assert agg.weights is not None
+    assert np.allclose(agg.weights.numpy(), alpha_ref, rtol=1e-6, atol=1e-8 * np.abs(alpha_ref).max())
+    assert abs(float(agg.weights.sum()) - 1) < 1e-9
+    # Equal projections onto every unit gradient.
+    proj = (J @ d) / J.norm(dim=1)
+    assert torch.allclose(proj, proj.mean().expand_as(proj), rtol=1e-7, atol=0)
+    assert torch.allclose(agg.diagnostics["projections"], proj, rtol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=12, min_log_scale=-3, max_log_scale=3),
+       log_k=st.lists(st.floats(-3, 3), min_size=6, max_size=6))
+def test_direction_invariant_to_row_scaling(J: torch.Tensor, log_k: list[float]) -> None:
+    """u_t does not change when g_t is scaled by k_t > 0: the direction only changes length."""
+    k = 10.0 ** torch.tensor(log_k[: J.shape[0]], dtype=torch.float64)
+    # Independent rows: the weighting is unique (for dependent rows many weightings share the
+    # equal projections, and the pseudo-inverse picks the least-norm one, which scaling moves).
+    sv = torch.linalg.svdvals(J)
+    assume(J.shape[0] <= J.shape[1] and float(sv[-1]) > 1e-6 * float(sv[0]))
+    agg = IMTLG()
+    d = agg(J)
+    proj = agg.diagnostics["projections"][J.norm(dim=1) > 0]
+    # Only where the equal-projection weighting exists and its projection is positive.
+    assume(float(proj.min()) > 1e-6 * float(J.norm(dim=1).max()))
+    assume(float(proj.max() - proj.min()) <= 1e-9 * float(proj.max()))
+    d2 = IMTLG()(J * k[:, None])
+    # d' = d / sum_t (alpha_t / k_t): parallel to d, with the sign of that sum (weights can be
+    # negative, so it can flip: the paper's normalisation sum alpha' = 1).
+    assert agg.weights is not None
+    factor = 1.0 / float((agg.weights / k).sum())
+    assert torch.allclose(d2, factor * d, rtol=1e-6, atol=1e-9 * float(d2.norm() + d.norm()))
+
+
+def test_degenerate_inputs() -> None:
+    # Exactly opposite gradients: no weighting has equal non-zero projections; d = 0.
+    agg = IMTLG()
+    d = agg(torch.tensor([[1.0, 2.0], [-1.0, -2.0]]))
+    assert torch.equal(d, torch.zeros(2)) and torch.equal(agg.weights, torch.zeros(2))
+    # A zero row: it has no unit gradient; the others get equal projections.
+    J = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    d = agg(J)
+    assert torch.allclose(J[[0, 2]] @ d / J[[0, 2]].norm(dim=1), torch.full((2,), 0.75,
+                                                                            dtype=torch.float64))
+    # Duplicated rows: the pseudo-inverse splits the weight.
+    J = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(agg(J), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.equal(IMTLG()(torch.zeros(3, 4)), torch.zeros(4))
+    with pytest.raises(ValueError, match="rtol"):
+        IMTLG(rtol=-1.0)
+
+
+def test_weights_function_example_and_one_task() -> None:
+    assert torch.allclose(imtlg_weights(torch.tensor([[4.0]])), torch.tensor([1.0]))
+    J = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(IMTLG()(J), J[0])
+
+
+def test_against_torchjd() -> None:
+    """TorchJD 0.18's IMTLG is the same pseudo-inverse formula; agreement on generic inputs.
+    (On exactly opposite rows TorchJD normalises a rounding-level sum and returns a non-zero
+    direction; we return 0, see test_degenerate_inputs.)"""
+    tj = pytest.importorskip("torchjd.aggregation")
+    gen = torch.Generator().manual_seed(0)
+    for T in (2, 3, 6, 10):
+        for dtype in (torch.float32, torch.float64):
+            J = torch.randn(T, 16, generator=gen, dtype=torch.float64)
+            if T > 3:
+                J[-1] = J[0]  # rank-deficient: the pseudo-inverse branch
+            J = J.to(dtype)
+            ref, ours = tj.IMTLG()(J), IMTLG()(J)
+            tol = 1e-4 if dtype == torch.float32 else 1e-10
+            assert torch.allclose(ours, ref, rtol=tol, atol=tol * float(ref.abs().max())), (T, dtype)
