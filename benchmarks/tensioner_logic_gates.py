@@ -15,16 +15,22 @@ The authors' protocol (their public code, tiemink/MTL_TaskTensioner; SPEC sectio
   the ``"segment"`` feasibility fix visits them;
 * a task has converged in the first epoch where the sum of its two mini-batch training losses,
   divided by 4 x (number of tasks) (their sample counter: 8 for the two-task runs, 4 for the
-  single-task ones), is under 1e-3; a run ends when every task has converged.  Epochs are
-  reported 1-based (the number of epochs trained; their script prints the 0-based index).
+  single-task ones), is under 1e-3; a run ends when every task has converged.  The tables
+  report epochs as the paper counts them: the 0-based index of the epoch the run ended in (what
+  the authors' script prints; one less than the number of epochs trained).  Internally
+  ``conv`` is 1-based, 0 meaning "not converged".
 
 The "harder" protocol varies the initialisation with the seed too (``torch.manual_seed(seed)``)
 and takes the best learning rate of the grid per seed.
 
-Methods: the single-task baselines, uniform weighting (``"sum"``: ``sum(losses).backward()``, the
-paper's linear combination with every ``k_m = 1``; ``"mean"`` reported beside it), min-norm
-(``"mgda"``), central (``"central"``), and both with task tensioners (alpha 0.3, window 10,
-``feasibility="segment"``, the authors' fix).
+Methods: the single-task baselines; uniform weighting as the mean of the task gradients
+(``"mean"``, ``k_m = 1/2``: the reading that reproduces the paper's Table 1 row) and as their sum
+(``"sum"``, ``sum(losses).backward()``); min-norm (``"mgda"``, exact); central (``"central"``);
+both with task tensioners (alpha 0.3, window 10, ``feasibility="segment"``, the authors' fix).
+Beside the exact min-norm, ``"mgda-sener"`` emulates the two-task solver the authors' code
+ships (Sener and Koltun's, which returns a vertex solution as 0.999 / 0.001): a user-defined
+aggregator built on the library's ``WeightedAggregator``, not a library method, kept because
+with it the paper's min-norm rows reproduce and with the exact solution they do not.
 
 Speed: all runs of one method (seeds x learning rates x c x protocols) are trained at once with
 batched tensors; the T = 2 direction math is batched over runs, calling the library where its
@@ -512,8 +518,12 @@ def check(methods: Sequence[str], seeds: Sequence[int], lrs: Sequence[float], ep
 
 
 def _stats(epochs: np.ndarray) -> tuple[float, float, float]:
-    """(rate %, mean, std) over runs; mean and std over the converged runs (epochs > 0)."""
-    ok = epochs[epochs > 0]
+    """(rate %, mean, std) over runs from 1-based epochs (0 = not converged).
+
+    Mean and (population) std are over the converged runs and in the paper's convention, the
+    0-based index of the last epoch (1-based count - 1).
+    """
+    ok = epochs[epochs > 0] - 1
     rate = 100.0 * ok.size / epochs.size
     if ok.size == 0:
         return rate, float("nan"), float("nan")
@@ -531,14 +541,18 @@ def summarise(epochs: np.ndarray) -> dict[str, Any]:
 
 def _fmt(stats: tuple[float, float, float]) -> tuple[str, str]:
     rate, mean, std = stats
+    if math.isnan(rate):
+        return "n/a", "n/a"
     ep = "-" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
     return f"{rate:.0f}", ep
 
 
-def tables(results: dict[str, Any], methods: Sequence[str]) -> str:
+def tables(results: dict[str, Any], methods: Sequence[str], protocols: Sequence[str] = PROTOCOLS,
+           scales: Sequence[float] = SCALES) -> str:
     """Markdown tables: per c, the paper's numbers beside both protocols; then the lr grids."""
     lines: list[str] = []
-    for c in SCALES:
+    na = {"best": (float("nan"),) * 3, "per_seed": (float("nan"),) * 3, "best_lr": float("nan")}
+    for c in scales:
         n = "1" if c == 1.0 else "2"
         lines += [f"### c = {c:g} (paper Table {n})", "",
                   "| Method | Paper rate % | Paper epochs | Fixed init (paper protocol): best lr | rate % | epochs "
@@ -547,8 +561,8 @@ def tables(results: dict[str, Any], methods: Sequence[str]) -> str:
         for m in methods:
             p = PAPER[c].get(METHODS[m].paper)
             prate, pep = (f"{p[0]:.0f}", f"{p[1]:.2f} ± {p[2]:.2f}") if p else ("", "")
-            a = results[f"paper/{c:g}/{m}"]
-            b = results[f"varied/{c:g}/{m}"]
+            a = results.get(f"paper/{c:g}/{m}", na)
+            b = results.get(f"varied/{c:g}/{m}", na)
             ar, ae = _fmt(a["best"])
             br, be = _fmt(b["per_seed"])
             cr, ce = _fmt(b["best"])
@@ -556,8 +570,8 @@ def tables(results: dict[str, Any], methods: Sequence[str]) -> str:
                          f"| {b['best_lr']:g} | {cr} | {ce} |")
         lines.append("")
     lines += ["### Every learning rate (rate % / mean epochs of the converged runs)", ""]
-    for proto in PROTOCOLS:
-        for c in SCALES:
+    for proto in protocols:
+        for c in scales:
             lines += [f"{'Fixed' if proto == 'paper' else 'Varied'} init, c = {c:g}:", "",
                       "| Method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |",
                       "|---|" + "---|" * len(LRS)]
@@ -570,17 +584,18 @@ def tables(results: dict[str, Any], methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def run_all(methods: Sequence[str], n_seeds: int, max_epochs: int, dtype: torch.dtype) -> tuple[dict[str, Any], str]:
+def run_all(methods: Sequence[str], n_seeds: int, max_epochs: int, dtype: torch.dtype,
+            protocols: Sequence[str] = PROTOCOLS, scales: Sequence[float] = SCALES) -> tuple[dict[str, Any], str]:
     """Train everything; returns the summaries (keyed ``protocol/c/method``) and a diagnostics text."""
-    runs = [Run(p, c, s, lr) for p in PROTOCOLS for c in SCALES for s in range(n_seeds) for lr in LRS]
+    runs = [Run(p, c, s, lr) for p in protocols for c in scales for s in range(n_seeds) for lr in LRS]
     results: dict[str, Any] = {}
     diag: list[str] = []
     for method in methods:
         t0 = time.perf_counter()
         res = train_batched(method, runs, max_epochs, dtype)
         ep = res.epochs.numpy()
-        for p in PROTOCOLS:
-            for c in SCALES:
+        for p in protocols:
+            for c in scales:
                 sel = [i for i, r in enumerate(runs) if r.protocol == p and r.c == c]
                 grid = ep[sel].reshape(n_seeds, len(LRS))
                 s = summarise(grid)
@@ -605,6 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=50, help="seeds per configuration (default 50)")
     ap.add_argument("--max-epochs", type=int, default=3000)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    ap.add_argument("--scales", nargs="+", type=float, default=list(SCALES), choices=list(SCALES))
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", help="write the raw and summarised results here")
@@ -617,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     t0 = time.perf_counter()
     if args.check:
-        rep = check(args.methods, list(range(args.check_seeds)), args.check_lrs, args.check_epochs, dtype=dtype)
+        rep = check(args.methods, list(range(args.check_seeds)), args.check_lrs, args.check_epochs,
+                    args.scales, args.protocols, dtype=dtype)
         for m, r in rep.items():
             print(f"{m:16s} {int(r['runs'])} runs x {args.check_epochs} epochs: max |param diff| "
                   f"{r['max_param_diff']:.2e}, max |epoch loss diff| {r['max_loss_diff']:.2e}, "
@@ -625,9 +643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"projection fallbacks {int(r['projection_steps'])}")
         print(f"check passed in {time.perf_counter() - t0:.1f} s")
         return 0
-    results, diag = run_all(args.methods, args.seeds, args.max_epochs, dtype)
+    results, diag = run_all(args.methods, args.seeds, args.max_epochs, dtype, args.protocols, args.scales)
     wall = time.perf_counter() - t0
-    print(tables(results, args.methods))
+    print(tables(results, args.methods, args.protocols, args.scales))
     print("Tensioner feasibility (best lr, all seeds):\n" + diag)
     print(f"\nwall time {wall:.1f} s ({args.seeds} seeds, {args.max_epochs} max epochs, {args.dtype}, "
           f"{args.threads} thread(s))")
