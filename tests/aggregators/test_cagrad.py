@@ -73,7 +73,11 @@ def test_two_task_closed_form_is_the_dual_minimiser(J: torch.Tensor, c: float) -
 
     res = minimize_scalar(F, bounds=(0.0, 1.0), method="bounded", options={"xatol": 1e-12})
     best = min(res.fun, F(0.0), F(1.0))
-    assert F(float(w[0])) <= best + 1e-12, (float(w[0]), res.x)
+    # From G, the colinearity term A C - B^2 is known to ~eps A C, which moves a kink minimum
+    # by ~sqrt(eps): F is then optimal to ~1e-8 (normalised units), else to rounding.
+    assert F(float(w[0])) <= best + 1e-7, (float(w[0]), res.x)
+    if float(torch.linalg.matrix_rank(J)) == 2:
+        assert F(float(w[0])) <= best + 1e-12, (float(w[0]), res.x)
     assert abs(float(w.sum()) - 1) < 1e-12 and bool((w >= 0).all())
 
 

@@ -70,10 +70,13 @@ def _closed_form_two(Gn: Tensor, b: Tensor, k: Tensor) -> Tensor:
     A = (g11 + g22 - 2 * g12).clamp_min(0)  # ||g1 - g2||^2
     B = g12 - g22  # g2 . (g1 - g2)
     C = g22
-    delta = (A * C - B * B).clamp_min(0)  # Cauchy-Schwarz: >= 0
-    a = b[0] - b[1]
     tiny = torch.finfo(Gn.dtype).tiny
     eps = torch.finfo(Gn.dtype).eps
+    # Cauchy-Schwarz: A C - B^2 >= 0, = 0 for colinear gradients; from G it is known to about
+    # eps A C only, so below that it is 0 (else sqrt turns rounding into ~sqrt(eps) errors).
+    delta = A * C - B * B
+    delta = torch.where(delta > 16 * eps * A * C, delta, torch.zeros_like(delta))
+    a = b[0] - b[1]
     k_safe = k.clamp_min(tiny)
     r = -a / k_safe  # f'(x) = k ((A x + B) / sqrt(q(x)) - r)
     sqrtA = A.sqrt()

@@ -94,9 +94,10 @@ class GradVac(WeightedAggregator):
     def _orders(self, T: int) -> Tensor:
         rows = []
         for i in range(T):
-            others = torch.cat([torch.arange(i), torch.arange(i + 1, T)])
-            rows.append(others[self.rng.randperm(T - 1).cpu()])
-        return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
+            perm = self.rng.randperm(T - 1)
+            others = torch.cat([torch.arange(i), torch.arange(i + 1, T)]).to(perm.device)
+            rows.append(others[perm])
+        return torch.stack(rows)
 
     def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
         assert G is not None

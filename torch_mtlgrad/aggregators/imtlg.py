@@ -14,19 +14,29 @@ terms the conditions read ``(G alpha)_t / ||g_t|| = c`` for all ``t``, i.e.
     alpha = G^{-1} n / (1^T G^{-1} n),
 
 the same vector whenever ``G`` is invertible (the paper's ``D U^T`` is invertible exactly then).
-For singular ``G`` (rank-deficient, duplicate, zero rows) the inverse becomes the Moore-Penrose
-pseudo-inverse, as in the generalisation of Quinton and Rey ("Jacobian Descent for
-Multi-Objective Optimization", 2024) that TorchJD implements: eigenvalues below
-``T * eps * lambda_max`` (``eps`` of ``J``'s dtype) count as zero.  When ``1^T G^+ n`` vanishes
-(e.g. two exactly opposite gradients, where no weighting has equal non-zero projections) the
-weights are 0 and ``d = 0``, the Pareto-stationary answer.
+
+Numerics and singular cases (documented choices):
+
+* It is computed on the cosine matrix ``C = N^{-1} G N^{-1}`` (``N = diag(n)``):
+  ``G^{-1} n = N^{-1} C^{-1} 1``.  ``C`` does not change when rows are rescaled, so neither does
+  the accuracy: on ``G`` itself, rows of very different norms square the condition number.
+* Singular ``C`` (rank-deficient, duplicate or zero rows) uses the Moore-Penrose pseudo-inverse,
+  eigenvalues at most ``T * eps * lambda_max`` (``eps`` of ``J``'s dtype) counting as zero; a zero
+  gradient has no unit vector and gets weight 0.  This is the pseudo-inverse generalisation of
+  Quinton and Rey ("Jacobian Descent for Multi-Objective Optimization", 2024) taken on ``C``
+  instead of ``G``; TorchJD takes ``G^+ n``.  Both solve the equal-projection conditions and
+  give the same weights whenever ``G`` is invertible; for dependent rows every solution gives
+  the same line ``J^T G^+ n`` but ``sum alpha = 1`` fixes different multiples of it.
+* When ``1`` has no component in the range of ``C`` (e.g. two exactly opposite gradients, where
+  no weighting has equal non-zero projections) the weights are 0 and ``d = 0``, the
+  Pareto-stationary answer.
 
 Computed from ``G`` only, in float64 (a ``T x T`` eigendecomposition, which synchronises with a
-CUDA device).  Rescaling the rows by ``k_t > 0`` leaves every ``u_t``, hence the direction, unchanged
-up to the factor ``1 / sum_t (alpha_t / k_t)`` that restores ``sum alpha = 1``.  (For ``T >= 3`` with
-very unequal norms ``1^T G^{-1} n`` can be negative: the paper's normalisation ``sum alpha = 1``
-then gives equal but negative projections; kept as the paper defines it, and reported in
-``diagnostics["projections"]``, the values ``d . u_t``.)
+CUDA device).  Rescaling the rows by ``k_t > 0`` leaves every ``u_t``, hence the direction,
+unchanged up to the factor ``1 / sum_t (alpha_t / k_t)`` that restores ``sum alpha = 1``.  (For
+``T >= 3`` with very unequal norms ``1^T G^{-1} n`` can be negative: the paper's normalisation
+``sum alpha = 1`` then gives equal but negative projections; kept as the paper defines it, and
+reported in ``diagnostics["projections"]``, the values ``d . u_t``.)
 """
 
 from __future__ import annotations
@@ -40,11 +50,15 @@ __all__ = ["IMTLG", "imtlg_weights"]
 
 
 def imtlg_weights(G: Tensor, rtol: float | None = None) -> Tensor:
-    """IMTL-G's weights ``alpha = G^+ n / (1^T G^+ n)`` (``n_t = sqrt(G_tt)``) from the Gramian.
+    """IMTL-G's weights ``alpha = G^{-1} n / (1^T G^{-1} n)`` (``n_t = sqrt(G_tt)``) from ``G``.
+
+    Computed through the cosine matrix ``C = N^{-1} G N^{-1}`` (``N = diag(n)``), for which
+    ``G^{-1} n = N^{-1} C^{-1} 1``; singular ``C`` uses its pseudo-inverse.  See the module
+    docstring.
 
     Args:
         G: ``[T, T]`` Gramian.
-        rtol: eigenvalues at most ``rtol * lambda_max`` are treated as zero; default
+        rtol: eigenvalues of ``C`` at most ``rtol * lambda_max`` are treated as zero; default
             ``T * eps`` of ``G``'s dtype.
 
     Example:
@@ -58,17 +72,22 @@ def imtlg_weights(G: Tensor, rtol: float | None = None) -> Tensor:
     G64 = G.to(torch.float64)
     G64 = 0.5 * (G64 + G64.T)
     n = torch.diagonal(G64).clamp_min(0).sqrt()
-    evals, V = torch.linalg.eigh(G64)
+    nz = n > torch.finfo(G.dtype).tiny ** 0.5
+    inv_n = torch.where(nz, 1.0 / torch.where(nz, n, torch.ones_like(n)), torch.zeros_like(n))
+    C = G64 * inv_n[:, None] * inv_n[None, :]  # cosines; zero rows/columns for zero gradients
+    evals, V = torch.linalg.eigh(C)
     keep = evals > rtol * evals.max().clamp_min(0)
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)),
                       torch.zeros_like(evals))
-    v = V @ (inv * (V.T @ n))
+    ones = nz.to(torch.float64)
+    v_unit = V @ (inv * (V.T @ ones))  # weights of the unit gradients u_t
+    v = v_unit * inv_n  # weights of the gradients g_t
     s = v.sum()
-    # |1^T v| is compared with the size v would have if n were in the range of G; below a
-    # rounding-level fraction of it the sum is zero (no equal-projection weighting exists).
-    lam_max = evals.max().clamp_min(torch.finfo(torch.float64).tiny)
-    scale = n.sum() / lam_max
-    ok = s.abs() > 1e3 * T * eps * scale
+    # C is scale-free (|C_ij| <= 1), so v_unit at rounding level means 1 has no component in
+    # C's range: no weighting has equal non-zero projections.  A sum at rounding level cannot
+    # be normalised to 1 either.  Both give the zero weighting (d = 0).
+    tol = 1e3 * T * eps
+    ok = (v_unit.abs().sum() > tol) & (s.abs() > tol * v.abs().sum())
     w = torch.where(ok, v / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(v))
     return w.to(G.dtype)
 

@@ -12,8 +12,9 @@ projection is against the *original* ``g_j``, as in the paper.
 Every ``g_i^PC`` is a combination ``sum_k C_ik g_k`` of the original rows, and the tests and
 updates need only inner products of rows, so the whole procedure runs on ``G = J J^T``: the
 weights are ``w = 1^T C`` and ``d = w^T J``.  The ``T`` sequences of projections are independent
-of each other and run side by side (``T - 1`` vectorised steps); there is no data-dependent
-branch on the host, so on CUDA no step synchronises with the device.
+of each other and run side by side (``T`` vectorised steps, one per position in the visiting
+orders); there is no data-dependent branch on the host, so on CUDA no step synchronises with the
+device (the orders are drawn on the generator's device, by default the CPU, and copied over).
 """
 
 from __future__ import annotations
