@@ -44,35 +44,37 @@ def test_matches_paper_closed_form(J: torch.Tensor) -> None:
     assert torch.allclose(agg.diagnostics["projections"], proj, rtol=1e-7)
 
 
+@st.composite
+def independent_rows(draw: st.DrawFn) -> torch.Tensor:
+    """T <= D random rows (independent with probability 1), scaled by 10^s."""
+    T = draw(st.integers(2, 5))
+    D = draw(st.integers(T, 10))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    return torch.tensor(rng.standard_normal((T, D)) * 10.0 ** draw(st.floats(-3, 3)))
+
+
 @settings(max_examples=40, deadline=None)
-@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=12, min_log_scale=-3, max_log_scale=3),
-       log_k=st.lists(st.floats(-3, 3), min_size=6, max_size=6))
+@given(J=independent_rows(), log_k=st.lists(st.floats(-3, 3), min_size=5, max_size=5))
 @example(  # rows scaled by 1e-3 and 1e2: on G itself this lost 3 digits
     J=torch.tensor([[0.1257, -0.1321, 0.6404, 0.1049, -0.5357],
                     [0.3616, 1.3040, 0.9471, -0.7037, -1.2654],
                     [-0.6233, 0.0413, -2.3250, -0.2188, -1.2459],
                     [-0.7323, -0.5443, -0.3163, 0.4116, 1.0425],
                     [-0.1285, 1.3665, -0.6652, 0.3515, 0.9035]], dtype=torch.float64),
-    log_k=[0.0, -3.0, 0.0, 0.0, 2.0, 0.0])
+    log_k=[-3.0, 0.0, 0.0, 2.0, 0.0])
 def test_direction_invariant_to_row_scaling(J: torch.Tensor, log_k: list[float]) -> None:
-    """u_t does not change when g_t is scaled by k_t > 0: the direction only changes length."""
+    """u_t does not change when g_t is scaled by k_t > 0: neither does the direction's line."""
     k = 10.0 ** torch.tensor(log_k[: J.shape[0]], dtype=torch.float64)
-    # Independent rows: the weighting is unique (for dependent rows many weightings share the
-    # equal projections, and the pseudo-inverse picks the least-norm one, which scaling moves).
     sv = torch.linalg.svdvals(J)
-    assume(J.shape[0] <= J.shape[1] and float(sv[-1]) > 1e-6 * float(sv[0]))
+    assume(float(sv[-1]) > 1e-6 * float(sv[0]))  # independent rows: a unique weighting
     agg = IMTLG()
     d = agg(J)
-    proj = agg.diagnostics["projections"][J.norm(dim=1) > 0]
-    # Only where the equal-projection weighting exists and its projection is positive.
-    assume(float(proj.min()) > 1e-6 * float(J.norm(dim=1).max()))
-    assume(float(proj.max() - proj.min()) <= 1e-9 * float(proj.max()))
     d2 = IMTLG()(J * k[:, None])
     # d' = d / sum_t (alpha_t / k_t): parallel to d, with the sign of that sum (weights can be
     # negative, so it can flip: the paper's normalisation sum alpha' = 1).
     assert agg.weights is not None
     factor = 1.0 / float((agg.weights / k).sum())
-    assert torch.allclose(d2, factor * d, rtol=1e-6, atol=1e-9 * float(d2.norm() + d.norm()))
+    assert torch.allclose(d2, factor * d, rtol=1e-7, atol=1e-9 * float(d2.norm() + d.norm()))
 
 
 def test_degenerate_inputs() -> None:
