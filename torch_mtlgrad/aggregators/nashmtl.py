@@ -53,8 +53,9 @@ How this implementation solves it (all from ``G``, never ``J``):
 * **Zero rows** take no part in the game (their utility ``g_i^T d`` is 0 for every ``d``); they
   get weight 0.  All rows zero gives ``d = 0``.
 * **Failure.**  The bargaining problem has no solution when no ``d`` improves every task with a
-  non-zero gradient (Pareto-stationary points, e.g. two opposite gradients); the solver then
-  reports infeasibility.  ``on_failure="previous"`` (default) logs a warning and reuses the
+  non-zero gradient (Pareto-stationary points, e.g. two opposite gradients).  Unless the starting
+  point already improves every task (``C a > 0``), this is checked first, by Gordan's theorem:
+  the min-norm point of the unit gradients' hull (the shared min-norm solver) is 0.  ``on_failure="previous"`` (default) logs a warning and reuses the
   previous step's weights (``diagnostics["solve_failed"] = 1``); when there are none (first call,
   or a different active set of tasks) it raises :class:`NashMTLSolveError`.
   ``on_failure="raise"`` always raises.  It never falls back to equal weights.
@@ -234,7 +235,7 @@ class NashMTL(WeightedAggregator):
                 start = prev.copy()
         if k == 1:
             a, iters, status = np.ones(1), 0, "optimal"
-        elif self._stationary(C):
+        elif not np.all(C @ start > 0) and self._stationary(C):
             a, iters, status = None, 0, "stationary"
         else:
             a, iters, status = self._sequence(C, start)
@@ -247,7 +248,11 @@ class NashMTL(WeightedAggregator):
 
     @staticmethod
     def _stationary(C: np.ndarray) -> bool:
-        """Gordan: no ``d`` with ``J d > 0`` iff the min-norm point of the unit rows' hull is 0."""
+        """Gordan: no ``d`` with ``J d > 0`` iff the min-norm point of the unit rows' hull is 0.
+
+        Only asked when the starting point does not already improve every task (``C a > 0``
+        proves the problem solvable), so the common warm-started step skips it.
+        """
         Ct = torch.from_numpy(C)
         w = min_norm_weights(Ct, "active-set")
         return float(w @ Ct @ w) <= 1e-14

@@ -1,0 +1,127 @@
+"""Nash-MTL solve time per step for T = 2, 10, 40 tasks.
+
+Times ``NashMTL.weighting(J, G, None)`` (the whole solve from the Gramian: the sequence of cvxpy
+problems, the polish and the conversions; the Gramian itself is precomputed, so D does not
+enter).  Three cases per T:
+
+* cold: the first call of a fresh ``NashMTL`` (builds and canonicalises the cvxpy problem,
+  starts the sequence at ``a = 1``); one fresh instance per repeat.
+* warm, slowly varying J: one instance over a sequence ``J_k = J_{k-1} + noise`` (as in training;
+  the sequence starts at the previous solution).
+* warm, independent J: one instance, a fresh random J every step.
+
+Reports the median (and 10th/90th percentiles) in milliseconds and the mean number of convex
+problems per solve.  Usage::
+
+    python benchmarks/nashmtl_solve_time.py [--repeats 30] [--dim 1000] [--torchjd]
+
+``--torchjd`` adds torchjd 0.18's NashMTL (ECOS, rebuilt problem per instance) for comparison,
+when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from torch_mtlgrad.aggregators.nashmtl import NashMTL
+
+
+def make_J(rng: np.random.Generator, T: int, D: int) -> torch.Tensor:
+    v = rng.standard_normal(D)
+    v /= np.linalg.norm(v)
+    return torch.tensor(rng.standard_normal((T, D)) / np.sqrt(D) + 0.3 * v)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q))
+
+
+def time_call(agg: NashMTL, J: torch.Tensor) -> float:
+    G = J @ J.T
+    t0 = time.perf_counter()
+    agg.weighting(J, G, None)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench(T: int, D: int, repeats: int, rng: np.random.Generator) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    cold, cold_it = [], []
+    for _ in range(repeats):
+        agg = NashMTL()
+        cold.append(time_call(agg, make_J(rng, T, D)))
+        cold_it.append(float(agg.diagnostics["iterations"]))
+    out["cold"] = (cold, cold_it)
+    agg = NashMTL()
+    J = make_J(rng, T, D)
+    time_call(agg, J)
+    slow, slow_it = [], []
+    for _ in range(repeats):
+        J = J + 0.05 * torch.tensor(rng.standard_normal((T, D)) / np.sqrt(D))
+        slow.append(time_call(agg, J))
+        slow_it.append(float(agg.diagnostics["iterations"]))
+    out["warm, slowly varying J"] = (slow, slow_it)
+    indep, indep_it = [], []
+    for _ in range(repeats):
+        indep.append(time_call(agg, make_J(rng, T, D)))
+        indep_it.append(float(agg.diagnostics["iterations"]))
+    out["warm, independent J"] = (indep, indep_it)
+    return out
+
+
+def bench_torchjd(T: int, D: int, repeats: int, rng: np.random.Generator) -> list[float] | None:
+    try:
+        from torchjd.aggregation import NashMTL as TJNash
+    except ImportError:
+        return None
+    agg = TJNash(n_tasks=T)
+    times = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        J = make_J(rng, T, D)
+        agg(J)
+        for _ in range(repeats):
+            J = J + 0.05 * torch.tensor(rng.standard_normal((T, D)) / np.sqrt(D))
+            t0 = time.perf_counter()
+            agg(J)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--dim", type=int, default=1000)
+    ap.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
+    ap.add_argument("--torchjd", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    import cvxpy
+
+    print(f"# Nash-MTL solve time ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, cvxpy {cvxpy.__version__}, "
+          f"solver CLARABEL, load avg {os.getloadavg()[0]:.1f})")
+    print(f"# repeats={args.repeats}, D={args.dim}")
+    print("| T | case | median ms | p10 ms | p90 ms | convex problems / solve |")
+    print("|---|------|-----------|--------|--------|-------------------------|")
+    for T in args.tasks:
+        for case, (times, its) in bench(T, args.dim, args.repeats, rng).items():
+            print(f"| {T} | {case} | {statistics.median(times):.2f} | {pct(times, 10):.2f} | "
+                  f"{pct(times, 90):.2f} | {statistics.mean(its):.2f} |")
+        if args.torchjd:
+            tj = bench_torchjd(T, args.dim, args.repeats, rng)
+            if tj is not None:
+                print(f"| {T} | torchjd 0.18 NashMTL (ECOS), warm, slowly varying J, whole call | "
+                      f"{statistics.median(tj):.2f} | {pct(tj, 10):.2f} | {pct(tj, 90):.2f} | - |")
+
+
+if __name__ == "__main__":
+    main()
