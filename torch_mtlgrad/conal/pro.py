@@ -8,17 +8,19 @@ still unassigned (``R``, all tasks at first) and two branch points, ``b = K + 2 
 * branch ``b - 1``: the trunk up to ``f_S^{b-2}`` and then the task's own modules ``b-1 .. K``.
 
 Each task of the stage has a 2-entry ``alpha`` and its encoder output is the softmax-weighted
-sum of the two branches (the CoNAL relaxation restricted to the stage).  The weight step runs
+sum of the two branches (the CoNAL relaxation restricted to the stage).  Both the group chain
+and the own chains of a stage start as copies of the trunk modules at their levels, so neither
+branch starts ahead of the other.  The weight step runs
 conflict noticing (eq. 5) on the decision module ``f_S^{b-1}`` (and, by default, the group chain
 after it); the trunk before it gets the plain sum.  At the end of the stage the tasks whose
 ``argmax alpha`` is branch ``b`` form a subgroup that branches at ``b`` and leaves the search;
-the others go on to the next stage with a new group chain (a copy of ``f_S^{b-1}`` followed by
-the previous group chain).  After the stage with ``b = 2``, tasks still left get separate
+the others go on to the next stage with a new group chain one module longer.  After the stage with ``b = 2``, tasks still left get separate
 networks (branch point 1).  Only the modules of the stage are held, so memory does not grow with
 ``T`` full copies as in CoNAL.
 
-Reading choices (the paper leaves them open; SPEC section 6 is followed): own modules carry over
-from stage to stage; a new module is a copy of the trained trunk module at its level; ties in
+Reading choices (the paper leaves them open; SPEC section 6 is followed): every new module is a
+copy of the trunk module at its level as trained so far (own modules do not carry over from one
+stage to the next: a carried-over own chain would start ahead of the fresh group chain); ties in
 ``alpha`` go to the shared branch.
 """
 
@@ -212,7 +214,6 @@ class ProgressiveSearch:
         self.stage = 1
         self._remaining = list(range(num_tasks))
         self._own: dict[int, list[nn.Module]] = {t: [] for t in self._remaining}
-        self._prev_group: list[nn.Module] = []
         self._build_stage()
 
     # Stage construction --------------------------------------------------------------------------
@@ -229,10 +230,10 @@ class ProgressiveSearch:
     def _build_stage(self) -> None:
         K = self.num_modules
         b = K + 2 - self.stage
-        new = lambda k: copy.deepcopy(self.trunk[k - 1])  # noqa: E731  (copy of trunk level k)
-        group = ([new(b)] if b <= K else []) + [copy.deepcopy(m) for m in self._prev_group]
+        copy_of = lambda k: copy.deepcopy(self.trunk[k - 1])  # noqa: E731  (trunk level k, 1-based)
+        group = [copy_of(k) for k in range(b, K + 1)]
         for t in self._remaining:
-            self._own[t] = [new(b - 1)] + self._own[t]
+            self._own[t] = [copy_of(k) for k in range(b - 1, K + 1)]
         heads = [self.heads[t] for t in self._remaining] if self.heads is not None else None
         self.space = ProStage(self.trunk, b, self._remaining, group, [self._own[t] for t in self._remaining], heads)
         notice_mods = [self.space.decision_module] + (list(self.space.group_chain) if self.notice == "chain" else [])
@@ -257,7 +258,7 @@ class ProgressiveSearch:
             raise ValueError(f"expected {len(self._remaining)} losses (tasks {self._remaining}), got {len(losses)}")
         loss = torch.stack([v.reshape(()) for v in losses]).mean()
         if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"validation loss is not finite ({float(loss)}); alpha not updated")
+            raise FloatingPointError(f"validation loss is not finite ({float(loss.detach())}); alpha not updated")
         self.alpha_optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=[self.space.alpha])
         self.alpha_optimizer.step()
@@ -297,7 +298,6 @@ class ProgressiveSearch:
             self.branches.append(Branch(tuple(take), b))
             self.group_chains.append(list(self.space.group_chain))
         self._remaining = [t for t in self._remaining if t not in take]
-        self._prev_group = list(self.space.group_chain)
         for t in take:
             del self._own[t]
         if self._remaining and b == 2:  # last stage: the rest get separate networks

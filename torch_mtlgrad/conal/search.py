@@ -126,7 +126,7 @@ class BilevelSearch:
         losses = self._check(val_losses, "alpha_step")
         loss = torch.stack([v.reshape(()) for v in losses]).mean()
         if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"validation loss is not finite ({float(loss)}); alpha not updated")
+            raise FloatingPointError(f"validation loss is not finite ({float(loss.detach())}); alpha not updated")
         self.alpha_optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=[self.space.alpha])
         self.alpha_optimizer.step()
