@@ -323,6 +323,11 @@ def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = T
     layout = getattr(optimizer, "layout", None)
     if layout is None or not hasattr(optimizer, "plugins"):
         raise TypeError(f"distribute() takes a MultiTaskOptimizer, got {type(optimizer).__name__}")
+    if getattr(optimizer, "capture", None) == "representation":
+        raise ValueError(
+            "capture='representation' cannot be distributed: its encoder backward is local to each "
+            "rank after aggregation; use capture='feature' (exact, and as cheap on the heads)"
+        )
     if any(isinstance(p, JacobianAllReduce) for p in optimizer.plugins):
         raise ValueError("this optimizer is already distributed (it has a JacobianAllReduce plugin)")
     plugin = JacobianAllReduce(process_group)
