@@ -566,3 +566,18 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="expected 8 neurons"):
         with mpps.task(0):
             mpps._hook(0, mpps.layers[0], (), torch.randn(2, 3))  # a layer output of the wrong width
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtypes(dtype: torch.dtype) -> None:
+    """phi stays float32 (float64 for float64 layers); masks are cast to the layer's output dtype."""
+    net = mlp().to(dtype)
+    mpps = MPPS(net, 2, scheduler=3, family="gaussian")
+    assert all(a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for a in mpps.logits)
+    x = torch.randn(4, 5, dtype=dtype)
+    losses = mpps.losses(lambda t: net(x)[:, t].float().pow(2).mean())
+    assert all(torch.isfinite(v) for v in losses)
+    with mpps.task(0):
+        assert net(x).dtype == dtype
+    sum(losses).backward()
+    assert all(a.grad is not None and a.grad.dtype == a.dtype for a in mpps.logits)

@@ -206,9 +206,11 @@ class MPPS(nn.Module):
         self.layer_names: list[str] = [n for n, _ in named]
         self._layers: list[nn.Module] = [m for _, m in named]
         self._dims: list[int] = []
-        ref = next(backbone.parameters(), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-        device = ref.device if ref is not None else torch.device("cpu")
+        # phi lives in float32 (float64 if the layer is float64) on the first masked layer's device
+        ref = getattr(named[0][1], "weight", None)
+        is_float = isinstance(ref, Tensor) and not isinstance(ref, nn.parameter.UninitializedParameter)
+        dtype = torch.float64 if is_float and ref.dtype == torch.float64 else torch.float32
+        device = ref.device if is_float else torch.device("cpu")
         logits = []
         for i, (name, module) in enumerate(named):
             n, dim = _neurons(module)
@@ -228,8 +230,8 @@ class MPPS(nn.Module):
         self._mode: str | None = None  # None, "task" or "batched"
         self._active: list[Tensor] | None = None  # per layer: [N] or [T, N]
         self._drawn: dict[int, list[Tensor]] = {}  # task -> per-layer mask of its last context
-        self._diag_kl = torch.zeros(num_tasks, dtype=dtype, device=device)
-        self._diag_base = torch.zeros(num_tasks, dtype=dtype, device=device)
+        self.register_buffer("_diag_kl", torch.zeros(num_tasks, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("_diag_base", torch.zeros(num_tasks, dtype=dtype, device=device), persistent=False)
 
         if scheduler.value(0) < 1.0:
             # Only FullShare (or a custom schedule not starting exclusive): the first course's
@@ -613,11 +615,28 @@ class MPPS(nn.Module):
         return distribution_ec(self._which(which))
 
     def layer_ec(self, which: str = "phi") -> list[float]:
-        """EC of every masked layer, in order."""
+        """EC of every masked layer, in order.
+
+        Example:
+            >>> from torch import nn
+            >>> [round(v, 2) for v in MPPS(nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 4)), 2,
+            ...                            scheduler=3).layer_ec()]
+            [0.99, 0.99]
+        """
         return [float(layer_ec(p)) for p in self._which(which)]
 
     def task_shares(self, which: str = "phi") -> list[Tensor]:
-        """Per layer, the ``[T, T]`` share matrix of :func:`~torch_mtlgrad.mpps.ec.task_shares`."""
+        """Per layer, the ``[T, T]`` share matrix of :func:`~torch_mtlgrad.mpps.ec.task_shares`.
+
+        ``S[o, t]`` is the mean ``phi[:, t]`` on the neurons task ``o`` owns (Figure 6 plots
+        ``S[0, 1] / (S[0, 1] + S[0, 2])``).
+
+        Example:
+            >>> from torch import nn
+            >>> MPPS(nn.Linear(2, 4), 2, scheduler=3).task_shares()[0]
+            tensor([[0.9900, 0.0100],
+                    [0.0100, 0.9900]])
+        """
         return [task_shares(p) for p in self._which(which)]
 
     def _which(self, which: str) -> list[Tensor]:
@@ -639,7 +658,15 @@ class MPPS(nn.Module):
     def end_epoch(self) -> float:
         """Advance the scheduler by one epoch; at a course boundary rebuild the target (Algorithm 1).
 
-        Returns the scheduled EC of the epoch that starts now.
+        Call it once at the end of every epoch.  The new target has EC equal to the schedule's
+        value for the epoch that starts now (see :func:`~torch_mtlgrad.mpps.target.update_target`
+        for when clipping to ``[eps, 1 - eps]`` makes it differ).  Returns that value.
+
+        Example:
+            >>> from torch import nn
+            >>> mpps = MPPS(nn.Linear(2, 6), 3, scheduler=Linear(5))
+            >>> mpps.end_epoch(), round(mpps.ec("target").item(), 4)
+            (0.75, 0.75)
         """
         prev = self.epoch
         self.epoch += 1

@@ -43,6 +43,11 @@ class ECScheduler:
 
     Subclasses implement :meth:`_middle` (value and course of middle epoch ``j``, ``0 <= j < M``)
     or override :meth:`value` and :meth:`course`.
+
+    Example:
+        >>> sch = Linear(6, frozen=1)
+        >>> sch(0), sch(2), sch.course(0) == sch.course(1), sch.course(2)
+        (1.0, 0.6666666666666667, True, 1)
     """
 
     def __init__(self, epochs: int, frozen: int | tuple[int, int] = 0, min_middle: int = 1) -> None:
