@@ -34,7 +34,7 @@ def primal_cvxpy(J: np.ndarray, c: float) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6,
                    kinds=("random", "orthogonal", "zero_row", "low_rank")),
        c=st.sampled_from([0.1, 0.4, 0.9]))
