@@ -73,7 +73,8 @@ def test_examples_and_validation() -> None:
         AlignedMTL(rtol=-1.0)
     agg = AlignedMTL()
     agg(J)
-    assert torch.allclose(agg.diagnostics["eigenvalues"], torch.tensor([4.0, 1.0], dtype=torch.float64))
+    expect = torch.tensor([4.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(agg.diagnostics["eigenvalues"], expect)
 
 
 def test_against_torchjd() -> None:

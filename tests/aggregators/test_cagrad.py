@@ -4,8 +4,6 @@ guarantees, and TorchJD 0.18."""
 
 from __future__ import annotations
 
-import math
-
 import cvxpy as cp
 import numpy as np
 import pytest

@@ -3,6 +3,8 @@ reference with the same uniform draws, and against TorchJD 0.18."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +15,8 @@ from torch_mtlgrad.aggregators.graddrop import GradDrop, sign_purity
 from ..strategies import jacobians
 
 
-def graddrop_reference(J: torch.Tensor, U: torch.Tensor, leak: list[float], f=lambda p: p) -> torch.Tensor:
+def graddrop_reference(J: torch.Tensor, U: torch.Tensor, leak: list[float],
+                       f: Callable[[float], float] = lambda p: p) -> torch.Tensor:
     """Algorithm 1 element by element, in Python floats."""
     T, D = J.shape
     out = torch.zeros(D, dtype=torch.float64)

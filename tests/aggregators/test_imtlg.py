@@ -36,7 +36,8 @@ def test_matches_paper_closed_form(J: torch.Tensor) -> None:
     agg = IMTLG()
     d = agg(J)
     assert agg.weights is not None
-    assert np.allclose(agg.weights.numpy(), alpha_ref, rtol=1e-6, atol=1e-8 * np.abs(alpha_ref).max())
+    atol = 1e-8 * np.abs(alpha_ref).max()
+    assert np.allclose(agg.weights.numpy(), alpha_ref, rtol=1e-6, atol=atol)
     assert abs(float(agg.weights.sum()) - 1) < 1e-9
     # Equal projections onto every unit gradient.
     proj = (J @ d) / J.norm(dim=1)
@@ -114,7 +115,8 @@ def test_against_torchjd() -> None:
             J = J.to(dtype)
             ref, ours = tj.IMTLG()(J), IMTLG()(J)
             tol = 1e-4 if dtype == torch.float32 else 1e-10
-            assert torch.allclose(ours, ref, rtol=tol, atol=tol * float(ref.abs().max())), (T, dtype)
+            atol = tol * float(ref.abs().max())
+            assert torch.allclose(ours, ref, rtol=tol, atol=atol), (T, dtype)
             # Dependent rows (a duplicate and a multiple): the same line.
             Jd = torch.cat([J, J[:1], 2.5 * J[1:2]])
             ref, ours = tj.IMTLG()(Jd), IMTLG()(Jd)

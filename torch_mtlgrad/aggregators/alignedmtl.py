@@ -119,7 +119,8 @@ class AlignedMTL(WeightedAggregator):
         if task_weights is not None:
             tw = torch.as_tensor(task_weights, dtype=torch.float64).detach().cpu()
             if tw.dim() != 1 or tw.numel() == 0:
-                raise ValueError(f"task_weights must be 1-D (one per task), got shape {tuple(tw.shape)}")
+                raise ValueError(
+                    f"task_weights must be 1-D (one per task), got shape {tuple(tw.shape)}")
             if not bool(torch.isfinite(tw).all()):
                 raise ValueError(f"task_weights must be finite, got {tw.tolist()}")
         self.task_weights = tw

@@ -83,7 +83,8 @@ def _closed_form_two(Gn: Tensor, b: Tensor, k: Tensor) -> Tensor:
     interior = r * r < A
     y = r * torch.sqrt(delta / (A - r * r).clamp_min(tiny))
     x_int = (y - B) / A.clamp_min(tiny)
-    x = torch.where(interior, x_int, torch.where(r >= sqrtA, torch.ones_like(r), torch.zeros_like(r)))
+    x_end = torch.where(r >= sqrtA, torch.ones_like(r), torch.zeros_like(r))  # f' of one sign
+    x = torch.where(interior, x_int, x_end)
     # g1 == g2 (A = 0): every weighting gives the same F; take 1/2.
     x = torch.where(A > eps * (g11 + g22), x, torch.full_like(x, 0.5)).clamp(0.0, 1.0)
     return torch.stack([x, 1 - x])

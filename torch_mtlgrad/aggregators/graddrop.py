@@ -93,7 +93,8 @@ class GradDrop(Aggregator):
                  generator: torch.Generator | None = None, seed: int | None = None) -> None:
         super().__init__()
         if f is not None and not callable(f):
-            raise TypeError(f"f must be callable (a map of [0, 1] onto itself), got {type(f).__name__}")
+            raise TypeError(
+                f"f must be callable (a map of [0, 1] onto itself), got {type(f).__name__}")
         self.f = f
         if isinstance(leak, (int, float)) and not isinstance(leak, bool):
             lk = torch.tensor([float(leak)], dtype=torch.float64)
@@ -102,7 +103,8 @@ class GradDrop(Aggregator):
             lk = torch.as_tensor(leak, dtype=torch.float64).detach().cpu()
             self._scalar_leak = False
             if lk.dim() != 1 or lk.numel() == 0:
-                raise ValueError(f"leak must be a number or a 1-D sequence, got shape {tuple(lk.shape)}")
+                raise ValueError(
+                    f"leak must be a number or a 1-D sequence, got shape {tuple(lk.shape)}")
         if not bool(((lk >= 0) & (lk <= 1)).all()):
             raise ValueError(f"leak values must be in [0, 1], got {lk.tolist()}")
         self.leak = lk

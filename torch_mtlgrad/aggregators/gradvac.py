@@ -8,7 +8,8 @@ task ``j`` in random order:
 
     phi_ij = cos(g_i^PC, g_j)
     if phi_ij < phi_hat_ij:
-        g_i^PC <- g_i^PC + ||g_i^PC|| (phi_hat_ij sqrt(1 - phi_ij^2) - phi_ij sqrt(1 - phi_hat_ij^2))
+        g_i^PC <- g_i^PC + ||g_i^PC|| (phi_hat_ij sqrt(1 - phi_ij^2)
+                                       - phi_ij sqrt(1 - phi_hat_ij^2))
                            / (||g_j|| sqrt(1 - phi_hat_ij^2)) * g_j
     phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij
 
@@ -138,7 +139,8 @@ class GradVac(WeightedAggregator):
             coef = torch.where(fire, coef, torch.zeros_like(coef))
             C[rows, j] += coef
             CG = CG + coef[:, None] * G[j]
-            phi_hat[rows, j] = torch.where(valid, (1 - self.beta) * target + self.beta * phi, target)
+            ema = (1 - self.beta) * target + self.beta * phi
+            phi_hat[rows, j] = torch.where(valid, ema, target)
             cosines[rows, j] = torch.where(valid, phi, torch.full_like(phi, float("nan")))
             count = count + fire.sum()
         self.phi_hat = phi_hat

@@ -67,7 +67,7 @@ class RandomSource:
         return self.generator.device
 
     def rand(self, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``U[0, 1)`` samples of ``shape``, drawn on the generator's device, returned on ``device``."""
+        """``U[0, 1)`` samples of ``shape`` drawn on the generator's device, put on ``device``."""
         x = torch.rand(shape, generator=self.generator, dtype=dtype, device=self.device)
         return x.to(device, non_blocking=True)
 
@@ -85,7 +85,8 @@ class RandomSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "rng_state" not in state:
-            raise ValueError("the state has no 'rng_state': it was not saved by a random aggregator")
+            raise ValueError(
+                "the state has no 'rng_state': it was not saved by a random aggregator")
         saved = state.get("rng_device", "cpu")
         if torch.device(saved).type != self.device.type:
             raise ValueError(
