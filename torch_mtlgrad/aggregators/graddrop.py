@@ -51,10 +51,13 @@ def sign_purity(J: Tensor) -> Tensor:
         >>> sign_purity(torch.tensor([[1.0, -1.0, 2.0, 0.0], [3.0, -1.0, -2.0, 0.0]]))
         tensor([1.0000, 0.0000, 0.5000, 0.5000])
     """
-    pos = J.clamp_min(0).sum(dim=0)
-    neg = J.clamp_max(0).sum(dim=0)  # <= 0
+    return _purity(J.clamp_min(0).sum(dim=0), J.clamp_max(0).sum(dim=0))
+
+
+def _purity(pos: Tensor, neg: Tensor) -> Tensor:
+    """``P`` from the column sums of the positive parts (``pos``) and negative parts (``neg``)."""
     total = pos - neg  # sum_i |J_i|
-    ratio = torch.where(total > 0, (pos + neg) / total.clamp_min(torch.finfo(J.dtype).tiny),
+    ratio = torch.where(total > 0, (pos + neg) / total.clamp_min(torch.finfo(pos.dtype).tiny),
                         torch.zeros_like(total))
     return 0.5 * (1 + ratio)
 
@@ -118,20 +121,24 @@ class GradDrop(Aggregator):
                 f"GradDrop has {self.leak.numel()} leak values but J has {T} rows (tasks); "
                 "give one leak per task or a single number"
             )
-        leak = self.leak.to(device=J.device, dtype=J.dtype).expand(T)
-        P = sign_purity(J)
+        Jp = J.clamp_min(0)
+        Jn = J - Jp  # the negative parts, exactly
+        pos, neg = Jp.sum(dim=0), Jn.sum(dim=0)
+        P = _purity(pos, neg)
         fP = self.f(P) if self.f is not None else P
         U = self.rng.rand(D, dtype=J.dtype, device=J.device)
         keep_pos = fP > U
         keep_neg = fP < U
-        Jp = J.clamp_min(0)
-        Jn = J.clamp_max(0)
-        through = 1 - leak
         # M_ik is the same sign choice for every task, so sum_i (1 - l_i) M_ik g_ik splits into
         # the positive parts where "+" was chosen and the negative parts where "-" was.
-        masked = torch.where(keep_pos, through @ Jp, torch.zeros_like(P)) + torch.where(
-            keep_neg, through @ Jn, torch.zeros_like(P))
-        d = masked + leak @ J if self._has_leak else masked
+        zero = torch.zeros_like(P)
+        if self._has_leak:
+            leak = self.leak.to(device=J.device, dtype=J.dtype).expand(T)
+            through = 1 - leak
+            d = (torch.where(keep_pos, through @ Jp, zero) + torch.where(keep_neg, through @ Jn, zero)
+                 + leak @ J)
+        else:
+            d = torch.where(keep_pos, pos, zero) + torch.where(keep_neg, neg, zero)
         self.weights = None
         self.diagnostics = {"positive_fraction": keep_pos.to(J.dtype).mean(),
                             "purity_mean": P.mean()}
