@@ -38,8 +38,8 @@ def moco_reference(Js: list[np.ndarray], losses: list[np.ndarray] | None, beta: 
         h = J.copy()
         if losses is not None:
             n = np.linalg.norm(J, axis=1)
-            h = np.where(n[:, None] > 0, J / np.where(n > 0, n, 1)[:, None] * losses[k - 1][:, None],
-                         0.0)
+            safe = np.where(n > 0, n, 1)[:, None]
+            h = np.where(n[:, None] > 0, J / safe * losses[k - 1][:, None], 0.0)
         y = y - beta / k**beta_sigma * (y - h)
         if bound is not None:
             ny = np.linalg.norm(y, axis=1)
@@ -73,20 +73,34 @@ def test_matches_hand_computed_algorithm(T: int, D: int, seed: int, beta: float,
 
 
 @settings(max_examples=60, deadline=None)
-@given(jacobians(max_tasks=8, min_log_scale=-6, max_log_scale=6), st.randoms(use_true_random=False))
-def test_finite_and_permutation_equivariant_over_steps(J: torch.Tensor, rnd) -> None:
+@given(jacobians(max_tasks=8, min_log_scale=-3, max_log_scale=3), st.randoms(use_true_random=False))
+def test_permutation_equivariant_over_steps(J: torch.Tensor, rnd) -> None:
     T = J.shape[0]
     perm = list(range(T))
     rnd.shuffle(perm)
     a, b = MoCo(), MoCo()
     s = max(float(J.norm(dim=1).max()), 1e-300)
+    # The lambda step is gamma_k (Y Y^T) lambda: its rounding grows with s^2 (Algorithm 1 is not
+    # scale-invariant; normalize="loss" is the scale-free variant).
+    tol = 1e-12 * (1 + s * s)
     for step in range(4):
         Jk = J * (1 + 0.1 * step)
         da, db = a(Jk), b(Jk[perm])
-        assert bool(torch.isfinite(da).all())
-        assert torch.allclose(da, db, rtol=0, atol=1e-9 * s)
+        assert torch.allclose(da, db, rtol=0, atol=tol * s)
         assert torch.allclose(a.diagnostics["lambda"][perm], b.diagnostics["lambda"],
-                              rtol=0, atol=1e-9)
+                              rtol=0, atol=tol)
+
+
+@settings(max_examples=60, deadline=None)
+@given(jacobians(max_tasks=8, min_log_scale=-6, max_log_scale=6), st.booleans())
+def test_finite_on_hard_inputs(J: torch.Tensor, normalize: bool) -> None:
+    agg = MoCo(normalize="loss" if normalize else "none")
+    L = torch.linspace(0.5, 2.0, J.shape[0], dtype=J.dtype)
+    for _ in range(3):
+        d = agg(J, L)
+        lam = agg.diagnostics["lambda"]
+        assert bool(torch.isfinite(d).all()) and bool(torch.isfinite(lam).all())
+        assert bool((lam >= 0).all()) and abs(float(lam.sum()) - 1) < 1e-9
 
 
 def test_tracking_and_convergence_to_min_norm() -> None:

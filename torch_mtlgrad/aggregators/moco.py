@@ -124,7 +124,8 @@ class MoCo(Aggregator):
         y = y - beta_k * (y - h)
         if self.bound is not None:
             ny = y.norm(dim=1, keepdim=True)
-            y = y * torch.where(ny > self.bound, self.bound / ny.clamp_min(torch.finfo(J.dtype).tiny),
+            tiny = torch.finfo(J.dtype).tiny
+            y = y * torch.where(ny > self.bound, self.bound / ny.clamp_min(tiny),
                                 torch.ones_like(ny))
         Gy = y @ y.T
         lam = project_simplex(lam - gamma_k * (Gy @ lam + self.rho * lam))

@@ -38,8 +38,9 @@ How this implementation solves it (all from ``G``, never ``J``):
   reused (cvxpy ``warm_start=False``): Clarabel, an interior-point method, cannot start from a
   previous iterate anyway, and reusing its workspace changes the last bits of the result, which
   would break bit-identical resumption from a checkpoint (``state_dict``).  If the start has
-  some ``(C a)_i <= 0`` the first convex problem linearises only the ``log a_i`` part of ``phi`` (``log beta_i`` is undefined
-  there); every later iterate is feasible, so every later problem uses the full expansion.
+  some ``(C a)_i <= 0`` the first convex problem linearises only the ``log a_i`` part of
+  ``phi`` (``log beta_i`` is undefined there); every later iterate is feasible, so every later
+  problem uses the full expansion.
 * **Stopping.**  After each convex problem, stop when ``max_i |a_i (C a)_i - 1| <= tol`` (the
   fixed-point condition itself; default ``1e-5``, above the interior-point solver's accuracy on
   ill-conditioned ``C``) or when ``a`` moved by less than ``1e-9`` relative.  When the convex
@@ -55,9 +56,11 @@ How this implementation solves it (all from ``G``, never ``J``):
 * **Failure.**  The bargaining problem has no solution when no ``d`` improves every task with a
   non-zero gradient (Pareto-stationary points, e.g. two opposite gradients).  Unless the starting
   point already improves every task (``C a > 0``), this is checked first, by Gordan's theorem:
-  the min-norm point of the unit gradients' hull (the shared min-norm solver) is 0.  ``on_failure="previous"`` (default) logs a warning and reuses the
-  previous step's weights (``diagnostics["solve_failed"] = 1``); when there are none (first call,
-  or a different active set of tasks) it raises :class:`NashMTLSolveError`.
+  the min-norm point of the unit gradients' hull (the shared min-norm solver) is 0.
+  ``on_failure="previous"`` (default) logs a warning and reuses the previous step's weights
+  ``alpha`` (``diagnostics["solve_failed"] = 1``; they are clipped to ``max_norm`` against the
+  current ``G``); when there are none (first solve) it raises :class:`NashMTLSolveError`.
+  A solver error or a solution that is not feasible is handled the same way.
   ``on_failure="raise"`` always raises.  It never falls back to equal weights.
   If a later convex problem of the sequence fails after an earlier one succeeded, the last
   successful iterate (feasible; the sequence is monotone) is kept and a warning is logged.
@@ -111,7 +114,7 @@ class _Problem:
 
 
 class NashMTL(WeightedAggregator):
-    """Nash-MTL (Navon et al., 2022): weights ``alpha`` with ``G alpha = 1/alpha``, ``d = alpha^T J``.
+    """Nash-MTL (Navon et al., 2022): ``alpha`` with ``G alpha = 1/alpha``, ``d = alpha^T J``.
 
     Computed from the Gramian ``G = J J^T`` only.  See the module docstring for the exact
     procedure, the failure policy and the state kept.
@@ -150,7 +153,8 @@ class NashMTL(WeightedAggregator):
                  tol: float = 1e-5) -> None:
         super().__init__()
         if not (isinstance(max_norm, (int, float)) and max_norm >= 0):
-            raise ValueError(f"max_norm must be a non-negative number (0 disables), got {max_norm!r}")
+            raise ValueError(
+                f"max_norm must be a non-negative number (0 disables), got {max_norm!r}")
         if not (isinstance(update_weights_every, int) and update_weights_every >= 1):
             raise ValueError(
                 f"update_weights_every must be a positive integer, got {update_weights_every!r}")
@@ -381,5 +385,6 @@ class NashMTL(WeightedAggregator):
         self.a = None
 
     def __repr__(self) -> str:
-        return (f"NashMTL(max_norm={self.max_norm}, update_weights_every={self.update_weights_every}"
-                f", optim_niter={self.optim_niter}, solver={self.solver!r})")
+        return (f"NashMTL(max_norm={self.max_norm}, "
+                f"update_weights_every={self.update_weights_every}, "
+                f"optim_niter={self.optim_niter}, solver={self.solver!r})")

@@ -46,7 +46,7 @@ def check_pref_vector(pref_vector: Tensor | None, T: int, like: Tensor) -> Tenso
 
 
 class UPGrad(WeightedAggregator):
-    """UPGrad (Quinton and Rey, 2024): ``d = sum_i p_i pi_J(g_i)``, projections onto ``{x: Jx >= 0}``.
+    """UPGrad (Quinton and Rey, 2024): ``d = sum_i p_i pi_J(g_i)``, ``pi_J`` onto ``{x: Jx >= 0}``.
 
     Computed from the Gramian ``G = J J^T`` only.
 

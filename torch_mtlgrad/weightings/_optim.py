@@ -21,7 +21,7 @@ OptimizerName = Literal["adam", "sgd"]
 
 
 class LearnedVector:
-    """A ``[T]`` tensor ``value`` stepped by ``step(grad)`` with Adam or SGD (created on first use)."""
+    """A ``[T]`` tensor ``value`` stepped by ``step(grad)`` with Adam or SGD (made by ``init``)."""
 
     def __init__(self, optimizer: OptimizerName, lr: float, weight_decay: float = 0.0) -> None:
         if optimizer not in ("adam", "sgd"):

@@ -43,7 +43,7 @@ __all__ = ["FAMO"]
 
 
 class FAMO(WeightedAggregator):
-    """FAMO (Liu et al., 2023): ``w_i ∝ softmax(xi)_i / (L_i - L*_i)``, ``xi`` from log-loss decreases.
+    """FAMO (Liu et al., 2023): ``w_i ∝ softmax(xi)_i / (L_i - L*_i)``, ``xi`` learned.
 
     Args:
         beta: step size of the logits ``xi`` (default 0.025).

@@ -122,8 +122,8 @@ class GradNorm(WeightedAggregator):
             bad = (~(losses > 0)).nonzero().flatten()
             if bad.numel():
                 t = int(bad[0])
-                raise ValueError(f"task {t} has initial loss {float(losses[t])!r}: GradNorm divides "
-                                 "by the first losses L_i(0), which must be positive")
+                raise ValueError(f"task {t} has initial loss {float(losses[t])!r}: GradNorm "
+                                 "divides by the first losses L_i(0), which must be positive")
             self.initial_losses = losses.detach().clone()
             self._w.init(torch.ones(T, dtype=J.dtype, device=J.device))
         w = self._w.get()

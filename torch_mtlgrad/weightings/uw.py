@@ -40,7 +40,7 @@ __all__ = ["UncertaintyWeighting"]
 
 
 class UncertaintyWeighting(WeightedAggregator):
-    """UW (Kendall et al., 2018): ``weights = exp(-s)``, ``s`` learned on ``sum_t exp(-s_t) L_t + s_t``.
+    """UW (Kendall et al., 2018): ``weights = exp(-s)``, ``s`` fit to ``sum_t exp(-s_t) L_t + s_t``.
 
     Args:
         lr: learning rate of the log variances' optimizer (default 1e-3).
