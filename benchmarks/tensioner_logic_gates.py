@@ -566,8 +566,10 @@ def tables(results: dict[str, Any], methods: Sequence[str], protocols: Sequence[
             ar, ae = _fmt(a["best"])
             br, be = _fmt(b["per_seed"])
             cr, ce = _fmt(b["best"])
-            lines.append(f"| {METHODS[m].label} | {prate} | {pep} | {a['best_lr']:g} | {ar} | {ae} | {br} | {be} "
-                         f"| {b['best_lr']:g} | {cr} | {ce} |")
+            alr = f"{a['best_lr']:g}" if a["best"][0] > 0 else "none"
+            blr = f"{b['best_lr']:g}" if b["best"][0] > 0 else "none"
+            lines.append(f"| {METHODS[m].label} | {prate} | {pep} | {alr} | {ar} | {ae} | {br} | {be} "
+                         f"| {blr} | {cr} | {ce} |")
         lines.append("")
     lines += ["### Every learning rate (rate % / mean epochs of the converged runs)", ""]
     for proto in protocols:
