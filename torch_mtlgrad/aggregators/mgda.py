@@ -39,6 +39,13 @@ class MinNorm(WeightedAggregator):
     ``weights`` after a call are the coefficients of ``d`` in the rows of ``J`` (for
     ``"none"`` they are ``w*`` on the simplex).
 
+    The solvers here are exact: at a vertex of the simplex they return exactly ``(1, 0, ...)``.
+    Sener and Koltun's reference Frank-Wolfe solver stops near it (e.g. ``0.999 / 0.001``), and
+    that residue matters: on the tensioner paper's XOR/AND ablation with ``c = 10`` the exact
+    min-norm direction stalls at a Pareto-stationary point (0% of runs converge) where the
+    reference solver's leftover 0.001 of the large XOR gradient lets 100% converge
+    (``benchmarks/RESULTS.md``).
+
     Example:
         >>> import torch
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
