@@ -29,7 +29,8 @@ sign so that higher is better) and wall time; saves two PNGs to ``--out``: the E
 per-layer share of task 1 against task 2 on the neurons task 0 owns (the paper's Figure 6).
 
 ``--bench`` instead times one training step of hard sharing and of MPPS (sequential, sequential
-with one graph at a time, batched) on a small CNN for T = 3 and 10, with the activation memory the
+with one graph at a time, batched) on a small CNN (8 Conv2d layers of 16 channels on 3x32x32
+inputs, MPPS on the last 6) for T = 3 and 10, with the activation memory the
 autograd graph holds (and CUDA peak memory with ``--device cuda``).
 
 Usage::
@@ -63,7 +64,9 @@ def make_problem(seed: int, n_train: int = 2048, n_test: int = 4096) -> dict[str
     """Inputs and the three tasks' targets (the teachers are fixed by ``seed``)."""
     g = torch.Generator().manual_seed(seed)
 
-    def teacher(d_in: int, d_hidden: int, d_out: int, base: Tensor | None = None, align: float = 0.0):
+    def teacher(
+        d_in: int, d_hidden: int, d_out: int, base: Tensor | None = None, align: float = 0.0
+    ):
         w1 = torch.randn(d_hidden, d_in, generator=g) / d_in**0.5
         if base is not None:
             w1 = align * base + (1 - align**2) ** 0.5 * w1
@@ -113,7 +116,9 @@ def task_loss(t: int, out: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, hs: nn.ModuleList, data: dict[str, Tensor], tasks: list[int]) -> dict[int, float]:
+def evaluate(
+    net: nn.Module, hs: nn.ModuleList, data: dict[str, Tensor], tasks: list[int]
+) -> dict[int, float]:
     """Test metric per task: MSE for the regressions, accuracy for the classification."""
     net.eval()
     z = net(data["x_test"])
@@ -121,13 +126,23 @@ def evaluate(net: nn.Module, hs: nn.ModuleList, data: dict[str, Tensor], tasks: 
     for t in tasks:
         out = hs[t](z)
         y = data[f"y{t}_test"]
-        res[t] = float(nn.functional.mse_loss(out, y)) if t < 2 else float((out.argmax(1) == y).float().mean())
+        res[t] = (
+            float(nn.functional.mse_loss(out, y))
+            if t < 2
+            else float((out.argmax(1) == y).float().mean())
+        )
     net.train()
     return res
 
 
 # --------------------------------------------------------------------------- training runs
-def run(kind: str, data: dict[str, Tensor], seed: int, args: argparse.Namespace, tasks: list[int] | None = None):
+def run(
+    kind: str,
+    data: dict[str, Tensor],
+    seed: int,
+    args: argparse.Namespace,
+    tasks: list[int] | None = None,
+):
     """Train one configuration; returns (test metrics per task, history of MPPS quantities)."""
     torch.manual_seed(seed)
     tasks = list(range(T)) if tasks is None else tasks
@@ -142,7 +157,11 @@ def run(kind: str, data: dict[str, Tensor], seed: int, args: argparse.Namespace,
         groups.append({"params": list(mpps.parameters()), "lr": args.phi_lr})
     inner = torch.optim.Adam(groups, lr=args.lr)
     aggregator = kind.split("+")[1] if "+" in kind else "sum"
-    opt = MultiTaskOptimizer(inner, shared=net, aggregator=aggregator, diagnostics=False) if len(tasks) > 1 else inner
+    opt = (
+        MultiTaskOptimizer(inner, shared=net, aggregator=aggregator, diagnostics=False)
+        if len(tasks) > 1
+        else inner
+    )
     n = data["x_train"].shape[0]
     hist: dict[str, list] = {"scheduled": [], "ec_target": [], "ec_phi": [], "share": []}
     g = torch.Generator().manual_seed(seed + 1000)
@@ -157,7 +176,7 @@ def run(kind: str, data: dict[str, Tensor], seed: int, args: argparse.Namespace,
                 z = net(x)
                 losses = [task_loss(t, hs[t](z), ys[t]) for t in tasks]
             else:
-                losses = mpps.losses(lambda t: task_loss(t, hs[t](net(x)), ys[t]))
+                losses = mpps.losses(lambda t, x=x, ys=ys: task_loss(t, hs[t](net(x)), ys[t]))
             if len(tasks) > 1:
                 opt.backward(losses)  # type: ignore[union-attr]
             else:
@@ -168,7 +187,9 @@ def run(kind: str, data: dict[str, Tensor], seed: int, args: argparse.Namespace,
             hist["ec_target"].append(float(mpps.ec("target")))
             hist["ec_phi"].append(float(mpps.ec("phi")))
             # Figure 6: on neurons owned by task 0, the share of task 1 relative to task 2, per layer
-            hist["share"].append([float(s[0, 1] / (s[0, 1] + s[0, 2])) for s in mpps.task_shares("phi")])
+            hist["share"].append(
+                [float(s[0, 1] / (s[0, 1] + s[0, 2])) for s in mpps.task_shares("phi")]
+            )
             mpps.end_epoch()
     if mpps is not None:
         mpps.remove()
@@ -205,21 +226,29 @@ def compare(args: argparse.Namespace) -> None:
         print(f"seed {seed} done", flush=True)
 
     base = {t: statistics.mean(r[t] for r in results["STL"]) for t in range(T)}
-    print(f"\nTest metrics, mean +- std over {args.seeds} seeds ({args.epochs} epochs; Delta vs STL, higher is better)")
-    print(f"{'method':<18}{'MSE task0':>16}{'MSE task1':>16}{'acc task2':>16}{'Delta %':>16}{'time/run s':>12}")
+    print(
+        f"\nTest metrics, mean +- std over {args.seeds} seeds ({args.epochs} epochs; Delta vs STL, higher is better)"
+    )
+    print(
+        f"{'method':<18}{'MSE task0':>16}{'MSE task1':>16}{'acc task2':>16}{'Delta %':>16}{'time/run s':>12}"
+    )
     for kind, rs in results.items():
         cols = []
         for t in range(T):
             vals = [r[t] for r in rs]
             cols.append(f"{statistics.mean(vals):.4f}+-{statistics.pstdev(vals):.4f}")
-        ds = [delta(r, base) for r in rs]
+        ds = [round(delta(r, base), 6) + 0.0 for r in rs]
         cols.append(f"{statistics.mean(ds):+.2f}+-{statistics.pstdev(ds):.2f}")
-        print(f"{kind:<18}" + "".join(f"{c:>16}" for c in cols) + f"{times[kind] / args.seeds:>12.1f}")
+        print(
+            f"{kind:<18}" + "".join(f"{c:>16}" for c in cols) + f"{times[kind] / args.seeds:>12.1f}"
+        )
     if hists:
         h = hists["MPPS-B"]
         print("\nMPPS-B (seed 0) per epoch: scheduled EC / EC(target) / EC(phi)")
         for e in range(0, args.epochs, max(1, args.epochs // 10)):
-            print(f"  epoch {e:3d}: {h['scheduled'][e]:.3f} / {h['ec_target'][e]:.3f} / {h['ec_phi'][e]:.3f}")
+            print(
+                f"  epoch {e:3d}: {h['scheduled'][e]:.3f} / {h['ec_target'][e]:.3f} / {h['ec_phi'][e]:.3f}"
+            )
     plot(args, hists)
 
 
@@ -237,28 +266,47 @@ def plot(args: argparse.Namespace, hists: dict[str, dict]) -> None:
     e = args.epochs
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     scheds = {
-        "Separ": Separ(e), "FullShare": FullShare(e), f"Step{min(5, e - 2 * args.frozen)}": StepN(e, min(5, e - 2 * args.frozen), frozen=args.frozen),
-        "Linear": Linear(e, frozen=args.frozen), "Quad": Quad(e, frozen=args.frozen),
+        "Separ": Separ(e),
+        "FullShare": FullShare(e),
+        f"Step{min(5, e - 2 * args.frozen)}": StepN(
+            e, min(5, e - 2 * args.frozen), frozen=args.frozen
+        ),
+        "Linear": Linear(e, frozen=args.frozen),
+        "Quad": Quad(e, frozen=args.frozen),
     }
     for name, s in scheds.items():
         axes[0].step(range(e), s.curve(), where="post", label=name)
-    axes[0].set(title=f"EC schedulers ({args.frozen} frozen epochs)", xlabel="epoch", ylabel="EC", ylim=(-0.05, 1.05))
+    axes[0].set(
+        title=f"EC schedulers ({args.frozen} frozen epochs)",
+        xlabel="epoch",
+        ylabel="EC",
+        ylim=(-0.05, 1.05),
+    )
     axes[0].legend()
     for kind, h in hists.items():
         axes[1].plot(h["scheduled"], "k--", lw=1)
         axes[1].plot(h["ec_target"], label=f"{kind} EC(target)")
         axes[1].plot(h["ec_phi"], label=f"{kind} EC(phi)")
-    axes[1].set(title="Linear schedule (dashed) and the EC reached", xlabel="epoch", ylabel="EC", ylim=(-0.05, 1.05))
+    axes[1].set(
+        title="Linear schedule (dashed) and the EC reached",
+        xlabel="epoch",
+        ylabel="EC",
+        ylim=(-0.05, 1.05),
+    )
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "mpps_ec_schedule.png", dpi=110)
-    fig, axes = plt.subplots(1, max(1, len(hists)), figsize=(5.5 * max(1, len(hists)), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(hists)), figsize=(5.5 * max(1, len(hists)), 4), squeeze=False
+    )
     for ax, (kind, h) in zip(axes[0], hists.items()):
         shares = torch.tensor(h["share"])  # [epochs, layers]
         for layer in range(shares.shape[1]):
             ax.plot(shares[:, layer], label=f"masked layer {layer + 1}")
         ax.axhline(0.5, color="k", lw=0.5)
-        ax.set(title=f"{kind}: phi1 / (phi1 + phi2) on task 0's neurons", xlabel="epoch", ylim=(0, 1))
+        ax.set(
+            title=f"{kind}: phi1 / (phi1 + phi2) on task 0's neurons", xlabel="epoch", ylim=(0, 1)
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "mpps_layer_shares.png", dpi=110)
@@ -270,10 +318,10 @@ def bench_model(t: int) -> tuple[nn.Module, nn.ModuleList]:
     layers: list[nn.Module] = []
     c_in = 3
     for i in range(8):
-        layers += [nn.Conv2d(c_in, 32, 3, padding=1, stride=2 if i in (2, 5) else 1), nn.ReLU()]
-        c_in = 32
+        layers += [nn.Conv2d(c_in, 16, 3, padding=1, stride=2 if i in (2, 5) else 1), nn.ReLU()]
+        c_in = 16
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return net, nn.ModuleList([nn.Linear(32, 1) for _ in range(t)])
+    return net, nn.ModuleList([nn.Linear(16, 1) for _ in range(t)])
 
 
 class SavedBytes:
@@ -298,10 +346,55 @@ class SavedBytes:
         self.total = 0
 
 
+def bench_step(
+    mode: str,
+    net: nn.Module,
+    hs: nn.ModuleList,
+    mpps: MPPS | None,
+    opt: torch.optim.Optimizer,
+    meter: SavedBytes,
+    x: Tensor,
+    ys: Tensor,
+    t: int,
+) -> None:
+    """One training step of hard sharing or of MPPS in one of its three forms."""
+
+    def loss(i: int, z: Tensor) -> Tensor:
+        return ((hs[i](z) - ys[i]) ** 2).mean()
+
+    opt.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda v: v):
+        if mpps is None:  # hard parameter sharing
+            z = net(x)
+            sum(loss(i, z) for i in range(t)).backward()
+        elif mode == "mpps-sequential":  # T forwards, all T graphs alive until backward
+            sum(mpps.losses(lambda i: loss(i, net(x)))).backward()
+        elif mode == "mpps-sequential-lean":  # T forwards, backward right after each
+            for i in range(t):
+                with mpps.task(i):
+                    obj = mpps.objective(i, loss(i, net(x)))
+                obj.backward()
+                meter.release()
+        else:  # one forward on T copies of the batch
+
+            def all_losses() -> list[Tensor]:
+                zs = net(mpps.repeat(x)).chunk(t)
+                return [loss(i, zs[i]) for i in range(t)]
+
+            sum(mpps.losses_batched(all_losses)).backward()
+    meter.release()
+    opt.step()
+
+
 def bench(args: argparse.Namespace) -> None:
     dev = torch.device(args.device)
-    print(f"device {dev}, torch threads {torch.get_num_threads()}, batch {args.bench_batch} of 3x32x32")
-    print(f"{'T':>3} {'mode':<22}{'ms/step':>10}{'x HPS':>8}{'graph MB':>10}{'x HPS':>8}" + ("  cuda peak MB  x HPS" if dev.type == "cuda" else ""))
+    print(
+        f"device {dev}, torch threads {torch.get_num_threads()}, batch {args.bench_batch} of 3x32x32"
+    )
+    print(
+        f"{'T':>3} {'mode':<22}{'ms/step':>10}{'x HPS':>8}{'graph MB':>10}{'x HPS':>8}"
+        + ("  cuda peak MB  x HPS" if dev.type == "cuda" else "")
+    )
     for t in (3, 10):
         x = torch.randn(args.bench_batch, 3, 32, 32, device=dev)
         ys = torch.randn(t, args.bench_batch, 1, device=dev)
@@ -315,28 +408,8 @@ def bench(args: argparse.Namespace) -> None:
             opt = torch.optim.SGD(params, lr=1e-3)
             meter = SavedBytes(params)
 
-            def step() -> None:
-                opt.zero_grad()
-                with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda v: v):
-                    if mode == "hps":
-                        z = net(x)
-                        sum(((hs[i](z) - ys[i]) ** 2).mean() for i in range(t)).backward()
-                    elif mode == "mpps-sequential":
-                        sum(mpps.losses(lambda i: ((hs[i](net(x)) - ys[i]) ** 2).mean())).backward()
-                    elif mode == "mpps-sequential-lean":
-                        for i in range(t):
-                            with mpps.task(i):
-                                obj = mpps.objective(i, ((hs[i](net(x)) - ys[i]) ** 2).mean())
-                            obj.backward()
-                            meter.release()
-                    else:
-                        def all_losses() -> list[Tensor]:
-                            zs = net(mpps.repeat(x)).chunk(t)
-                            return [((hs[i](zs[i]) - ys[i]) ** 2).mean() for i in range(t)]
-
-                        sum(mpps.losses_batched(all_losses)).backward()
-                meter.release()
-                opt.step()
+            def step(mode=mode, net=net, hs=hs, mpps=mpps, opt=opt, meter=meter, t=t, x=x, ys=ys):
+                bench_step(mode, net, hs, mpps, opt, meter, x, ys, t)
 
             for _ in range(3):
                 step()
@@ -369,18 +442,24 @@ def bench(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--frozen", type=int, default=4, help="frozen epochs at each end of the Linear schedule")
+    p.add_argument(
+        "--frozen", type=int, default=4, help="frozen epochs at each end of the Linear schedule"
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--phi-lr", type=float, default=0.05, help="Adam learning rate of the MPPS logits")
+    p.add_argument(
+        "--phi-lr", type=float, default=0.05, help="Adam learning rate of the MPPS logits"
+    )
     p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--aggregator", default="cagrad", help="the other aggregator (any registry name)")
+    p.add_argument(
+        "--aggregator", default="cagrad", help="the other aggregator (any registry name)"
+    )
     p.add_argument("--out", default="mpps_example_out", help="folder for the PNGs")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--bench", action="store_true", help="time one step instead of the comparison")
     p.add_argument("--bench-batch", type=int, default=32)
-    p.add_argument("--bench-steps", type=int, default=20)
+    p.add_argument("--bench-steps", type=int, default=10)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

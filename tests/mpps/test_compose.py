@@ -36,7 +36,11 @@ def batch():
 def aggregator_or_skip(name: str):
     try:
         return get(name)
-    except (ValueError, ImportError, AttributeError) as exc:  # not in the registry / not written yet
+    except (
+        ValueError,
+        ImportError,
+        AttributeError,
+    ) as exc:  # not in the registry / not written yet
         pytest.skip(f"aggregator {name!r} unavailable: {exc}")
 
 
@@ -53,9 +57,11 @@ def test_mpps_under_multitask_optimizer_matches_reference(name: str, family: str
     rows = []
     phi_grads = []
     for t, loss in enumerate(losses):
-        g = torch.autograd.grad(loss, [*shared, *mpps.parameters()], retain_graph=True, allow_unused=True)
+        g = torch.autograd.grad(
+            loss, [*shared, *mpps.parameters()], retain_graph=True, allow_unused=True
+        )
         rows.append(torch.cat([v.reshape(-1) for v in g[: len(shared)]]))
-        phi_grads.append(g[len(shared):])
+        phi_grads.append(g[len(shared) :])
     J = torch.stack(rows)
     d_ref = get(name)(J, torch.stack([v.detach() for v in losses]))
     phi_ref = [sum(pg[i] for pg in phi_grads) for i in range(len(phi_grads[0]))]
@@ -66,8 +72,13 @@ def test_mpps_under_multitask_optimizer_matches_reference(name: str, family: str
 
     # the same step through MultiTaskOptimizer
     net2, heads2, mpps2 = build(family)
-    inner = torch.optim.SGD([{"params": [*net2.parameters(), *heads2.parameters()]},
-                             {"params": mpps2.parameters(), "lr": 0.5}], lr=0.1)
+    inner = torch.optim.SGD(
+        [
+            {"params": [*net2.parameters(), *heads2.parameters()]},
+            {"params": mpps2.parameters(), "lr": 0.5},
+        ],
+        lr=0.1,
+    )
     opt = MultiTaskOptimizer(inner, shared=net2, aggregator=name)
     opt.zero_grad()
     losses2 = mpps2.losses(lambda t: ((heads2[t](net2(x)) - y[t]) ** 2).mean())
@@ -102,14 +113,25 @@ def test_training_loop_with_checkpoint_through_the_optimizer(name: str) -> None:
 
     def make(seed: int):
         net, heads, mpps = build("bernoulli", seed)
-        inner = torch.optim.Adam([{"params": [*net.parameters(), *heads.parameters()]},
-                                  {"params": mpps.parameters(), "lr": 0.05}], lr=0.01)
+        inner = torch.optim.Adam(
+            [
+                {"params": [*net.parameters(), *heads.parameters()]},
+                {"params": mpps.parameters(), "lr": 0.05},
+            ],
+            lr=0.01,
+        )
         return net, heads, mpps, MultiTaskOptimizer(inner, shared=net, aggregator=name)
 
     a = make(0)
     run(a, 4)
-    ck = copy.deepcopy({"net": a[0].state_dict(), "heads": a[1].state_dict(),
-                        "mpps": a[2].state_dict(), "opt": a[3].state_dict()})
+    ck = copy.deepcopy(
+        {
+            "net": a[0].state_dict(),
+            "heads": a[1].state_dict(),
+            "mpps": a[2].state_dict(),
+            "opt": a[3].state_dict(),
+        }
+    )
     cont = run(a, 4)
     b = make(1)
     b[0].load_state_dict(ck["net"])
@@ -123,13 +145,17 @@ def test_training_loop_with_checkpoint_through_the_optimizer(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["mean", "central+tension"])
 @pytest.mark.parametrize("family", ["bernoulli", "gaussian"])
-def test_memory_lean_loop_with_per_task_backward_matches_backward_of_all(name: str, family: str) -> None:
+def test_memory_lean_loop_with_per_task_backward_matches_backward_of_all(
+    name: str, family: str
+) -> None:
     """objective(t, .) + opt.task(t): one graph alive at a time, same gradients as opt.backward."""
     x, y = batch()
     grads = []
     for lean in (False, True):
         net, heads, mpps = build(family)
-        inner = torch.optim.SGD([*net.parameters(), *heads.parameters(), *mpps.parameters()], lr=0.1)
+        inner = torch.optim.SGD(
+            [*net.parameters(), *heads.parameters(), *mpps.parameters()], lr=0.1
+        )
         opt = MultiTaskOptimizer(inner, shared=net, aggregator=name, num_tasks=T)
         opt.zero_grad()
         if lean:
@@ -139,7 +165,9 @@ def test_memory_lean_loop_with_per_task_backward_matches_backward_of_all(name: s
                 with opt.task(t, loss=obj):
                     obj.backward()
         else:
-            opt.backward(mpps.losses(lambda t: ((heads[t](net(x)) - y[t]) ** 2).mean()))
-        grads.append([p.grad.clone() for p in [*net.parameters(), *heads.parameters(), *mpps.parameters()]])
+            opt.backward(mpps.losses(lambda t: ((heads[t](net(x)) - y[t]) ** 2).mean()))  # noqa: B023
+        grads.append(
+            [p.grad.clone() for p in [*net.parameters(), *heads.parameters(), *mpps.parameters()]]
+        )
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)

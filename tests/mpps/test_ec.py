@@ -50,7 +50,10 @@ def test_ec_extremes(t: int) -> None:
     assert torch.equal(neuron_ec(full), torch.zeros(4, dtype=torch.float64))
     assert abs(layer_ec(exclusive_phi(10, t, 0.01, torch.float64)).item() - 0.99) < 1e-12
     # uniform usage v by everyone gives 1 - v
-    assert torch.allclose(neuron_ec(torch.full((2, t), 0.3, dtype=torch.float64)), torch.full((2,), 0.7, dtype=torch.float64))
+    assert torch.allclose(
+        neuron_ec(torch.full((2, t), 0.3, dtype=torch.float64)),
+        torch.full((2,), 0.7, dtype=torch.float64),
+    )
 
 
 @settings(max_examples=30, deadline=None)

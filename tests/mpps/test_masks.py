@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.distributions import Bernoulli, Normal, kl_divergence as td_kl
+from torch.distributions import Bernoulli, Normal
+from torch.distributions import kl_divergence as td_kl
 
 from torch_mtlgrad.mpps.masks import (
     bernoulli_log_prob,
@@ -34,7 +35,9 @@ def test_exclusive_phi_partitions_layer(n: int, t: int, eps: float) -> None:
     own = owners(phi)
     # each neuron: owner at 1 - eps, every guest at eps
     assert torch.allclose(phi.max(-1).values, torch.full((n,), 1 - eps, dtype=torch.float64))
-    assert torch.allclose((phi.sum(-1) - phi.max(-1).values), torch.full((n,), (t - 1) * eps, dtype=torch.float64))
+    assert torch.allclose(
+        (phi.sum(-1) - phi.max(-1).values), torch.full((n,), (t - 1) * eps, dtype=torch.float64)
+    )
     # contiguous parts of equal size (within one), in task order
     assert bool((own[1:] >= own[:-1]).all())
     counts = torch.bincount(own, minlength=t)
@@ -60,7 +63,9 @@ def test_kl_bernoulli_matches_torch_distributions(pairs: list[tuple[float, float
     p = torch.tensor([b for _, b in pairs], dtype=torch.float64)
     ref = td_kl(Bernoulli(probs=q, validate_args=False), Bernoulli(probs=p, validate_args=False))
     assert torch.allclose(kl_bernoulli(logit(q), logit(p)), ref, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(kl_divergence("bernoulli", logit(q), logit(p)), ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(
+        kl_divergence("bernoulli", logit(q), logit(p)), ref, rtol=1e-9, atol=1e-12
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,7 +74,10 @@ def test_kl_gaussian_matches_torch_distributions(pairs: list[tuple[float, float]
     q = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
     p = torch.tensor([b for _, b in pairs], dtype=torch.float64)
     rq, rp = torch.sqrt((1 - q) / q), torch.sqrt((1 - p) / p)  # r(v) of the paper, directly
-    ref = td_kl(Normal(torch.ones_like(q), rq, validate_args=False), Normal(torch.ones_like(p), rp, validate_args=False))
+    ref = td_kl(
+        Normal(torch.ones_like(q), rq, validate_args=False),
+        Normal(torch.ones_like(p), rp, validate_args=False),
+    )
     assert torch.allclose(kl_gaussian(logit(q), logit(p)), ref, rtol=1e-8, atol=1e-10)
     assert torch.allclose(kl_divergence("gaussian", logit(q), logit(p)), ref, rtol=1e-8, atol=1e-10)
 

@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Normal, kl_divergence as td_kl
+from torch.distributions import Bernoulli, Normal
+from torch.distributions import kl_divergence as td_kl
 
 from torch_mtlgrad.mpps import MPPS, FullShare, Linear, Separ, StepN
 from torch_mtlgrad.mpps.ec import distribution_ec, neuron_ec
@@ -26,8 +27,14 @@ def mlp(depth: int = 3, width: int = 8, d_in: int = 5) -> nn.Sequential:
 
 def cnn() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 6), nn.Tanh(),
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 6),
+        nn.Tanh(),
     )
 
 
@@ -43,7 +50,11 @@ def setup(family: str = "bernoulli", t: int = 3, seed: int = 0, backbone: str = 
 
 def data(t: int = 3, backbone: str = "mlp", n: int = 4, seed: int = 100):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g) if backbone == "mlp" else torch.randn(n, 2, 5, 5, generator=g)
+    x = (
+        torch.randn(n, 5, generator=g)
+        if backbone == "mlp"
+        else torch.randn(n, 2, 5, 5, generator=g)
+    )
     return x, torch.randn(t, n, 1, generator=g)
 
 
@@ -53,7 +64,9 @@ def task_loss(net, heads, x, y):
 
 # ---------------------------------------------------------------- layer selection and hooks
 def test_default_layers_are_the_last_six_conv2d_linear() -> None:
-    net = nn.Sequential(*[nn.Conv2d(3, 3, 1) for _ in range(4)], nn.Flatten(), *[nn.Linear(3, 3) for _ in range(4)])
+    net = nn.Sequential(
+        *[nn.Conv2d(3, 3, 1) for _ in range(4)], nn.Flatten(), *[nn.Linear(3, 3) for _ in range(4)]
+    )
     mpps = MPPS(net, 2, scheduler=3)
     assert mpps.layer_names == ["2", "3", "5", "6", "7", "8"]
     assert [tuple(a.shape) for a in mpps.logits] == [(3, 2)] * 6
@@ -65,7 +78,9 @@ def test_layers_by_module_or_name() -> None:
     net = mlp(3)
     assert MPPS(net, 2, scheduler=3, layers=[net[2], "4"]).layer_names == ["2", "4"]
     conv1d = nn.Sequential(nn.Conv1d(2, 4, 3))
-    assert [tuple(a.shape) for a in MPPS(conv1d, 2, scheduler=3, layers=[conv1d[0]]).logits] == [(4, 2)]
+    assert [tuple(a.shape) for a in MPPS(conv1d, 2, scheduler=3, layers=[conv1d[0]]).logits] == [
+        (4, 2)
+    ]
     with pytest.raises(ValueError, match="not part of the backbone"):
         MPPS(net, 2, scheduler=3, layers=[nn.Linear(2, 2)])
     with pytest.raises(TypeError, match="Tanh"):
@@ -99,9 +114,8 @@ def test_remove_restores_the_model_exactly(family: str) -> None:
     assert torch.equal(net(x), before)
     assert net.state_dict().keys() == sd_before.keys()
     assert all(torch.equal(v, sd_before[k]) for k, v in net.state_dict().items())
-    with pytest.raises(RuntimeError, match="removed"):
-        with mpps.task(0):
-            pass
+    with pytest.raises(RuntimeError, match="removed"), mpps.task(0):
+        pass
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -182,9 +196,11 @@ def test_batched_form_equals_sequential_form(family: str, backbone: str) -> None
                 a.add_(torch.randn(a.shape, generator=torch.Generator().manual_seed(3)))
         x, y = data(backbone=backbone)
         if batched:
-            def all_losses():
+
+            def all_losses(net=net, heads=heads, mpps=mpps, x=x, y=y):
                 feats = net(mpps.repeat(x)).chunk(3)
                 return [((heads[t](feats[t]) - y[t]) ** 2).mean() for t in range(3)]
+
             losses = mpps.losses_batched(all_losses)
         else:
             losses = mpps.losses(task_loss(net, heads, x, y))
@@ -198,9 +214,8 @@ def test_batched_form_equals_sequential_form(family: str, backbone: str) -> None
 
 def test_batched_form_checks_the_batch_layout() -> None:
     net, _, mpps = setup()
-    with pytest.raises(ValueError, match="T \\* batch"):
-        with mpps.batched():
-            net(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="T \\* batch"), mpps.batched():
+        net(torch.randn(4, 5))
 
 
 # ---------------------------------------------------------------- objective and gradients
@@ -223,7 +238,10 @@ def test_objective_value_is_loss_plus_beta_kl(family: str) -> None:
         if family == "bernoulli":
             kl = td_kl(Bernoulli(probs=q), Bernoulli(probs=p))
         else:
-            kl = td_kl(Normal(torch.ones_like(q), torch.sqrt((1 - q) / q)), Normal(torch.ones_like(p), torch.sqrt((1 - p) / p)))
+            kl = td_kl(
+                Normal(torch.ones_like(q), torch.sqrt((1 - q) / q)),
+                Normal(torch.ones_like(p), torch.sqrt((1 - p) / p)),
+            )
         ref += kl.sum(0)
     assert torch.allclose(mpps.diagnostics["kl"], ref, atol=1e-5)
     for t in range(3):
@@ -281,7 +299,15 @@ def _reinforce_problem(decay: float | None):
     x = torch.randn(2, 3)
     w = torch.tensor([1.0, -2.0, 0.5, 1.5, -1.0, 2.0])
     target = torch.tensor([0.3, -0.4])
-    mpps = MPPS(nn.Sequential(layer), 2, scheduler=3, family="bernoulli", beta=0.0, baseline_decay=decay, seed=11)
+    mpps = MPPS(
+        nn.Sequential(layer),
+        2,
+        scheduler=3,
+        family="bernoulli",
+        beta=0.0,
+        baseline_decay=decay,
+        seed=11,
+    )
     with torch.no_grad():
         mpps.logits[0].copy_(logit(torch.tensor(PHI6)))
     feats = layer(x).detach().double()
@@ -290,7 +316,9 @@ def _reinforce_problem(decay: float | None):
         z = torch.tanh(feats * m) @ w.double()
         return ((z - target.double()) ** 2).mean() * (1 + t)
 
-    exact = torch.stack([_exact_expected_loss_grad(mpps, lambda m: f(m, t), t) for t in range(2)], 1)
+    exact = torch.stack(
+        [_exact_expected_loss_grad(mpps, lambda m, t=t: f(m, t), t) for t in range(2)], 1
+    )
     own = mpps.logits[0].argmax(1)
     assert torch.equal(exact[torch.arange(6), own], torch.zeros(6, dtype=torch.float64))
 
@@ -303,7 +331,9 @@ def _reinforce_problem(decay: float | None):
 
 
 @pytest.mark.parametrize("baseline", [0.0, 1.3])
-def test_reinforce_estimator_is_exactly_unbiased(monkeypatch: pytest.MonkeyPatch, baseline: float) -> None:
+def test_reinforce_estimator_is_exactly_unbiased(
+    monkeypatch: pytest.MonkeyPatch, baseline: float
+) -> None:
     """E over every guest mask, weighted by q(m), of the plugin's gradient == the exact gradient.
 
     The sampler is replaced by one that returns each mask in turn (the sampler's own statistics
@@ -316,7 +346,7 @@ def test_reinforce_estimator_is_exactly_unbiased(monkeypatch: pytest.MonkeyPatch
     own = phi.argmax(1)
     forced: dict[int, torch.Tensor] = {}
 
-    def fake_sample(logits, is_owner, family, generator=None):  # noqa: ANN001
+    def fake_sample(logits, is_owner, family, generator=None):
         t = 0 if torch.equal(is_owner, own == 0) else 1  # which task's mask is being drawn
         return torch.where(is_owner, torch.ones_like(logits), forced[t].to(logits.dtype))
 
@@ -332,7 +362,9 @@ def test_reinforce_estimator_is_exactly_unbiased(monkeypatch: pytest.MonkeyPatch
                     m[n] = b
                     prob = prob * (phi[n, t] if b else 1 - phi[n, t])
                 forced[t] = m
-            with torch.no_grad():  # a fixed baseline: b_t = baseline (weight 1 => no bias correction)
+            with (
+                torch.no_grad()
+            ):  # a fixed baseline: b_t = baseline (weight 1 => no bias correction)
                 mpps.baseline.fill_(baseline)
                 mpps.baseline_weight.fill_(1.0)
             total += prob * estimate()
@@ -361,7 +393,13 @@ def test_gaussian_pathwise_gradient_is_unbiased() -> None:
     w = torch.tensor([1.0, -2.0, 0.5, 1.5, -1.0, 2.0])
     mpps = MPPS(nn.Sequential(layer), 2, scheduler=3, family="gaussian", beta=0.0, seed=3)
     with torch.no_grad():
-        mpps.logits[0].copy_(logit(torch.tensor([[0.9, 0.3], [0.8, 0.6], [0.7, 0.45], [0.2, 0.85], [0.5, 0.75], [0.35, 0.95]])))
+        mpps.logits[0].copy_(
+            logit(
+                torch.tensor(
+                    [[0.9, 0.3], [0.8, 0.6], [0.7, 0.45], [0.2, 0.85], [0.5, 0.75], [0.35, 0.95]]
+                )
+            )
+        )
     z = layer(x).detach().double()[0]
     a = mpps.logits[0].detach().double().clone().requires_grad_(True)
     own = a.detach().argmax(1)
@@ -409,7 +447,9 @@ def test_end_epoch_gives_target_ec_equal_to_schedule() -> None:
     net, heads, mpps = setup("bernoulli", scheduler=Linear(8, frozen=1))
     x, y = data()
     opt = torch.optim.SGD(mpps.parameters(), lr=0.5)
-    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(mpps.target, mpps.phi))  # Pi starts = Phi
+    assert all(
+        torch.allclose(p, q, atol=1e-6) for p, q in zip(mpps.target, mpps.phi)
+    )  # Pi starts = Phi
     for epoch in range(8):
         for _ in range(2):
             opt.zero_grad()
@@ -476,9 +516,11 @@ def _train(net, heads, mpps, opt, x, y, steps: int, batched: bool = False) -> li
     for _ in range(steps):
         opt.zero_grad()
         if batched:
+
             def all_losses():
                 feats = net(mpps.repeat(x)).chunk(3)
                 return [((heads[t](feats[t]) - y[t]) ** 2).mean() for t in range(3)]
+
             losses = mpps.losses_batched(all_losses)
         else:
             losses = mpps.losses(task_loss(net, heads, x, y))
@@ -489,8 +531,13 @@ def _train(net, heads, mpps, opt, x, y, steps: int, batched: bool = False) -> li
 
 
 def _make_opt(net, heads, mpps):
-    return torch.optim.Adam([{"params": [*net.parameters(), *heads.parameters()]},
-                             {"params": mpps.parameters(), "lr": 0.05}], lr=0.01)
+    return torch.optim.Adam(
+        [
+            {"params": [*net.parameters(), *heads.parameters()]},
+            {"params": mpps.parameters(), "lr": 0.05},
+        ],
+        lr=0.01,
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -502,8 +549,15 @@ def test_state_dict_roundtrip_gives_identical_next_steps(family: str, batched: b
     _train(net, heads, mpps, opt, x, y, 3, batched)
     mpps.end_epoch()
     buf = io.BytesIO()
-    torch.save({"net": net.state_dict(), "heads": heads.state_dict(), "mpps": mpps.state_dict(),
-                "opt": opt.state_dict()}, buf)
+    torch.save(
+        {
+            "net": net.state_dict(),
+            "heads": heads.state_dict(),
+            "mpps": mpps.state_dict(),
+            "opt": opt.state_dict(),
+        },
+        buf,
+    )
     cont = _train(net, heads, mpps, opt, x, y, 3, batched)
     mpps.end_epoch()
     cont_phi = [p.clone() for p in mpps.phi]
@@ -534,8 +588,7 @@ def test_load_state_dict_refuses_other_configuration() -> None:
 
 # ---------------------------------------------------------------- bad input
 def test_bad_input() -> None:
-    net, heads, mpps = setup()
-    x, y = data()
+    net, _, mpps = setup()
     with pytest.raises(ValueError, match="num_tasks"):
         MPPS(net, 1, scheduler=3)
     with pytest.raises(TypeError, match="scheduler"):
@@ -546,12 +599,10 @@ def test_bad_input() -> None:
         MPPS(net, 2, scheduler=3, beta=-1.0)
     with pytest.raises(ValueError, match="baseline_decay"):
         MPPS(net, 2, scheduler=3, baseline_decay=1.0)
-    with pytest.raises(ValueError, match="task must be"):
-        with mpps.task(3):
-            pass
-    with pytest.raises(RuntimeError, match="nest"):
-        with mpps.task(0), mpps.task(1):
-            pass
+    with pytest.raises(ValueError, match="task must be"), mpps.task(3):
+        pass
+    with pytest.raises(RuntimeError, match="nest"), mpps.task(0), mpps.task(1):
+        pass
     with pytest.raises(RuntimeError, match="no mask drawn"):
         mpps.regularize([torch.tensor(1.0)] * 3)
     for t in range(3):
@@ -563,9 +614,8 @@ def test_bad_input() -> None:
         mpps.regularize([torch.tensor(1.0), torch.ones(2), torch.tensor(1.0)])
     with pytest.raises(ValueError, match="task 2 is not finite"):
         mpps.regularize([torch.tensor(1.0), torch.tensor(1.0), torch.tensor(float("nan"))])
-    with pytest.raises(ValueError, match="expected 8 neurons"):
-        with mpps.task(0):
-            mpps._hook(0, mpps.layers[0], (), torch.randn(2, 3))  # a layer output of the wrong width
+    with pytest.raises(ValueError, match="expected 8 neurons"), mpps.task(0):
+        mpps._hook(0, mpps.layers[0], (), torch.randn(2, 3))  # a layer output of the wrong width
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -573,7 +623,9 @@ def test_dtypes(dtype: torch.dtype) -> None:
     """phi stays float32 (float64 for float64 layers); masks are cast to the layer's output dtype."""
     net = mlp().to(dtype)
     mpps = MPPS(net, 2, scheduler=3, family="gaussian")
-    assert all(a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for a in mpps.logits)
+    assert all(
+        a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for a in mpps.logits
+    )
     x = torch.randn(4, 5, dtype=dtype)
     losses = mpps.losses(lambda t: net(x)[:, t].float().pow(2).mean())
     assert all(torch.isfinite(v) for v in losses)

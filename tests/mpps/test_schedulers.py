@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ from torch_mtlgrad.mpps.schedulers import FullShare, Linear, Quad, Separ, StepN
 
 def _check_shape(curve: list[float], start: int, end: int) -> None:
     assert all(0.0 <= v <= 1.0 for v in curve)
-    assert all(a >= b for a, b in zip(curve, curve[1:])), curve  # never increases
+    assert all(a >= b for a, b in itertools.pairwise(curve)), curve  # never increases
     assert curve[: start + 1] == [1.0] * (start + 1)  # first course lengthened by the frozen epochs
     assert curve[len(curve) - end - 1 :] == [0.0] * (end + 1)  # last course likewise
 
@@ -23,7 +25,7 @@ def test_linear_curve(m: int, fs: int, fe: int) -> None:
     curve = sch.curve()
     _check_shape(curve, fs, fe)
     mid = curve[fs : fs + m]
-    steps = [a - b for a, b in zip(mid, mid[1:])]
+    steps = [a - b for a, b in itertools.pairwise(mid)]
     assert all(abs(s - 1.0 / (m - 1)) < 1e-12 for s in steps)  # one equal step per epoch
     courses = [sch.course(e) for e in range(sch.epochs)]
     assert len(set(courses)) == m  # a course per middle epoch
@@ -48,7 +50,10 @@ def test_stepn_curve(n: int, extra: int, fs: int, fe: int) -> None:
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(2, 40), fs=st.integers(0, 5), fe=st.integers(0, 5))
 def test_quad_curve(m: int, fs: int, fe: int) -> None:
-    concave, convex = Quad(m + fs + fe, (fs, fe)).curve(), Quad(m + fs + fe, (fs, fe), convex=True).curve()
+    concave, convex = (
+        Quad(m + fs + fe, (fs, fe)).curve(),
+        Quad(m + fs + fe, (fs, fe), convex=True).curve(),
+    )
     lin = Linear(m + fs + fe, (fs, fe)).curve()
     _check_shape(concave, fs, fe)
     _check_shape(convex, fs, fe)
@@ -61,7 +66,9 @@ def test_quad_curve(m: int, fs: int, fe: int) -> None:
 
 def test_constant_schedulers() -> None:
     assert Separ(5).curve() == [1.0] * 5 and FullShare(5).curve() == [0.0] * 5
-    assert {Separ(5).course(e) for e in range(5)} == {0} == {FullShare(5).course(e) for e in range(5)}
+    assert (
+        {Separ(5).course(e) for e in range(5)} == {0} == {FullShare(5).course(e) for e in range(5)}
+    )
 
 
 def test_past_the_end_keeps_last_value() -> None:

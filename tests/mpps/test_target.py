@@ -43,7 +43,9 @@ def guests_in_range(raw: np.ndarray, phi: np.ndarray, eps: float) -> np.ndarray:
 @pytest.mark.parametrize("per", ["neuron", "distribution"])
 @settings(max_examples=60, deadline=None)
 @given(phi=phis(), c_i=st.floats(0.0, 1.0))
-def test_target_matches_reference_and_hits_ec_where_in_range(phi: np.ndarray, c_i: float, per: str) -> None:
+def test_target_matches_reference_and_hits_ec_where_in_range(
+    phi: np.ndarray, c_i: float, per: str
+) -> None:
     if np.all(neuron_ec(torch.from_numpy(phi)).numpy() < 1e-9):
         return  # C = 0: covered by the guard test
     (pi,) = update_target([torch.from_numpy(phi)], c_i, EPS, per)  # type: ignore[arg-type]
@@ -75,13 +77,21 @@ def test_ec_of_target_is_exact_when_no_guest_leaves_range(data: tuple, per: str)
     phi = guests.copy()
     phi[np.arange(len(own)), own] = 0.95  # a clear owner above every guest
     c = neuron_ec(torch.from_numpy(phi))
-    layers = [torch.from_numpy(phi[:5]), torch.from_numpy(phi[5:])] if len(phi) > 5 else [torch.from_numpy(phi)]
+    layers = (
+        [torch.from_numpy(phi[:5]), torch.from_numpy(phi[5:])]
+        if len(phi) > 5
+        else [torch.from_numpy(phi)]
+    )
     c_all = distribution_ec(layers).item()
     c_i = frac * (float(c.min()) if per == "neuron" else c_all)
     pis = update_target(layers, c_i, EPS, per)  # type: ignore[arg-type]
     assert abs(distribution_ec(pis).item() - c_i) < 1e-9
     if per == "neuron":
-        assert torch.allclose(torch.cat([neuron_ec(p) for p in pis]), torch.full((len(phi),), c_i, dtype=torch.float64), atol=1e-9)
+        assert torch.allclose(
+            torch.cat([neuron_ec(p) for p in pis]),
+            torch.full((len(phi),), c_i, dtype=torch.float64),
+            atol=1e-9,
+        )
     for p, pi in zip(layers, pis):
         assert torch.equal(p.argmax(1), pi.argmax(1))  # ownership is kept
 
@@ -92,8 +102,12 @@ def test_guard_c_zero(per: str, c_i: float) -> None:
     phi = torch.ones(6, 3, dtype=torch.float64)  # every task uses every neuron fully: C = 0
     (pi,) = update_target([phi], c_i, EPS, per)  # type: ignore[arg-type]
     assert bool(torch.isfinite(pi).all())
-    assert torch.allclose(pi[:, 0], torch.full((6,), 1 - EPS, dtype=torch.float64))  # owner (ties: task 0)
-    assert torch.allclose(pi[:, 1:], torch.full((6, 2), min(max(1 - c_i, EPS), 1 - EPS), dtype=torch.float64))
+    assert torch.allclose(
+        pi[:, 0], torch.full((6,), 1 - EPS, dtype=torch.float64)
+    )  # owner (ties: task 0)
+    assert torch.allclose(
+        pi[:, 1:], torch.full((6, 2), min(max(1 - c_i, EPS), 1 - EPS), dtype=torch.float64)
+    )
     if EPS <= 1 - c_i <= 1 - EPS:
         assert abs(distribution_ec([pi]).item() - c_i) < 1e-12
 
@@ -103,7 +117,10 @@ def test_guard_only_touches_dead_neurons() -> None:
     (pi,) = update_target([phi], 0.5, EPS, "neuron")
     assert torch.allclose(pi[0], torch.tensor([1 - EPS, 0.5], dtype=torch.float64))
     c = 1 - 0.2
-    assert torch.allclose(pi[1], torch.tensor([min(1 - 0.5 / c * 0.1, 1 - EPS), 1 - 0.5 / c * 0.8], dtype=torch.float64))
+    assert torch.allclose(
+        pi[1],
+        torch.tensor([min(1 - 0.5 / c * 0.1, 1 - EPS), 1 - 0.5 / c * 0.8], dtype=torch.float64),
+    )
 
 
 def test_update_target_bad_input() -> None:

@@ -18,21 +18,21 @@ from .schedulers import ECScheduler, FullShare, Linear, Quad, Separ, StepN
 from .target import update_target
 
 __all__ = [
-    "MPPS",
     "MASKABLE",
+    "MPPS",
     "ECScheduler",
-    "Separ",
     "FullShare",
-    "StepN",
     "Linear",
     "Quad",
-    "neuron_ec",
-    "layer_ec",
+    "Separ",
+    "StepN",
     "distribution_ec",
-    "task_shares",
     "exclusive_phi",
     "kl_bernoulli",
-    "kl_gaussian",
     "kl_divergence",
+    "kl_gaussian",
+    "layer_ec",
+    "neuron_ec",
+    "task_shares",
     "update_target",
 ]

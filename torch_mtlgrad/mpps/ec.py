@@ -17,14 +17,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["neuron_ec", "layer_ec", "distribution_ec", "task_shares"]
+__all__ = ["distribution_ec", "layer_ec", "neuron_ec", "task_shares"]
 
 
 def _check_phi(phi: Tensor, name: str = "phi") -> None:
     if not isinstance(phi, Tensor) or not phi.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor of shape [..., T]")
     if phi.dim() < 1 or phi.shape[-1] < 2:
-        raise ValueError(f"{name} must have shape [..., T] with T >= 2 tasks, got {tuple(phi.shape)}")
+        raise ValueError(
+            f"{name} must have shape [..., T] with T >= 2 tasks, got {tuple(phi.shape)}"
+        )
 
 
 def neuron_ec(phi: Tensor) -> Tensor:

@@ -27,17 +27,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "Family",
     "FAMILIES",
-    "exclusive_phi",
-    "owners",
-    "logit",
-    "gaussian_scale",
-    "sample_masks",
+    "Family",
     "bernoulli_log_prob",
+    "exclusive_phi",
+    "gaussian_scale",
     "kl_bernoulli",
-    "kl_gaussian",
     "kl_divergence",
+    "kl_gaussian",
+    "logit",
+    "owners",
+    "sample_masks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ def exclusive_phi(
     if not isinstance(num_neurons, int) or num_neurons < 1:
         raise ValueError(f"num_neurons must be a positive int, got {num_neurons!r}")
     if not isinstance(num_tasks, int) or num_tasks < 2:
-        raise ValueError(f"num_tasks must be an int >= 2 (MPPS shares between tasks), got {num_tasks!r}")
+        raise ValueError(
+            f"num_tasks must be an int >= 2 (MPPS shares between tasks), got {num_tasks!r}"
+        )
     if not (0.0 < float(eps) < 0.5):
         raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
     if num_neurons < num_tasks:
@@ -232,4 +234,8 @@ def kl_divergence(family: Family, q_logits: Tensor, p_logits: Tensor) -> Tensor:
         tensor([0.])
     """
     family = check_family(family)
-    return kl_bernoulli(q_logits, p_logits) if family == "bernoulli" else kl_gaussian(q_logits, p_logits)
+    return (
+        kl_bernoulli(q_logits, p_logits)
+        if family == "bernoulli"
+        else kl_gaussian(q_logits, p_logits)
+    )

@@ -88,11 +88,18 @@ from .masks import (
 from .schedulers import ECScheduler, Linear
 from .target import Granularity, update_target
 
-__all__ = ["MPPS", "MASKABLE"]
+__all__ = ["MASKABLE", "MPPS"]
 
 logger = logging.getLogger(__name__)
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 #: Module types whose outputs MPPS can mask (neurons = output channels / output features).
 MASKABLE: tuple[type[nn.Module], ...] = (nn.Linear, *_CONV)
 _DEFAULT_KINDS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -120,7 +127,7 @@ class MPPS(nn.Module):
         scheduler: an :class:`~torch_mtlgrad.mpps.schedulers.ECScheduler`, or an ``int`` number of
             epochs for the default ``Linear(epochs)`` schedule.
         layers: how many of the backbone's last ``Conv2d``/``Linear`` modules (in registration
-            order, ``backbone.named_modules()``) to mask, default 6 (all of them, with a warning,
+            order, ``backbone.named_modules()``) to mask, default 6 (all of them, logged at INFO,
             when there are fewer); or a sequence of modules of the backbone or of their names
             (any ``Linear``/``Conv*d``/``ConvTranspose*d``).
         family: ``"bernoulli"`` (REINFORCE) or ``"gaussian"`` (reparameterisation).
@@ -187,9 +194,13 @@ class MPPS(nn.Module):
         if not (math.isfinite(float(beta)) and float(beta) >= 0.0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if target_update not in ("neuron", "distribution"):
-            raise ValueError(f"target_update must be 'neuron' or 'distribution', got {target_update!r}")
+            raise ValueError(
+                f"target_update must be 'neuron' or 'distribution', got {target_update!r}"
+            )
         if baseline_decay is not None and not (0.0 <= float(baseline_decay) < 1.0):
-            raise ValueError(f"baseline_decay must lie in [0, 1) or be None, got {baseline_decay!r}")
+            raise ValueError(
+                f"baseline_decay must lie in [0, 1) or be None, got {baseline_decay!r}"
+            )
 
         self.num_tasks = num_tasks
         self.family: Family = check_family(family)
@@ -208,7 +219,9 @@ class MPPS(nn.Module):
         self._dims: list[int] = []
         # phi lives in float32 (float64 if the layer is float64) on the first masked layer's device
         ref = getattr(named[0][1], "weight", None)
-        is_float = isinstance(ref, Tensor) and not isinstance(ref, nn.parameter.UninitializedParameter)
+        is_float = isinstance(ref, Tensor) and not isinstance(
+            ref, nn.parameter.UninitializedParameter
+        )
         dtype = torch.float64 if is_float and ref.dtype == torch.float64 else torch.float32
         device = ref.device if is_float else torch.device("cpu")
         logits = []
@@ -230,8 +243,12 @@ class MPPS(nn.Module):
         self._mode: str | None = None  # None, "task" or "batched"
         self._active: list[Tensor] | None = None  # per layer: [N] or [T, N]
         self._drawn: dict[int, list[Tensor]] = {}  # task -> per-layer mask of its last context
-        self.register_buffer("_diag_kl", torch.zeros(num_tasks, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("_diag_base", torch.zeros(num_tasks, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "_diag_kl", torch.zeros(num_tasks, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "_diag_base", torch.zeros(num_tasks, dtype=dtype, device=device), persistent=False
+        )
 
         if scheduler.value(0) < 1.0:
             # Only FullShare (or a custom schedule not starting exclusive): the first course's
@@ -252,10 +269,14 @@ class MPPS(nn.Module):
         named = list(backbone.named_modules())
         if isinstance(layers, int) and not isinstance(layers, bool):
             if layers < 1:
-                raise ValueError(f"layers must be a positive count or a sequence of modules, got {layers}")
+                raise ValueError(
+                    f"layers must be a positive count or a sequence of modules, got {layers}"
+                )
             cands = [(n, m) for n, m in named if isinstance(m, _DEFAULT_KINDS)]
             if not cands:
-                raise ValueError("the backbone has no Conv2d or Linear layer to mask; pass layers=[...]")
+                raise ValueError(
+                    "the backbone has no Conv2d or Linear layer to mask; pass layers=[...]"
+                )
             if len(cands) < layers:
                 logger.info(
                     "backbone has %d Conv2d/Linear layers, fewer than layers=%d: masking all of them",
@@ -263,8 +284,14 @@ class MPPS(nn.Module):
                     layers,
                 )
             return cands[-layers:]
-        if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Sequence) or len(layers) == 0:
-            raise TypeError("layers must be a positive int or a non-empty sequence of modules/names")
+        if (
+            isinstance(layers, (str, nn.Module))
+            or not isinstance(layers, Sequence)
+            or len(layers) == 0
+        ):
+            raise TypeError(
+                "layers must be a positive int or a non-empty sequence of modules/names"
+            )
         by_id = {id(m): n for n, m in named}
         out: list[tuple[str, nn.Module]] = []
         for item in layers:
@@ -272,14 +299,20 @@ class MPPS(nn.Module):
                 try:
                     module = backbone.get_submodule(item)
                 except AttributeError as exc:
-                    raise ValueError(f"layers: the backbone has no submodule named {item!r}") from exc
+                    raise ValueError(
+                        f"layers: the backbone has no submodule named {item!r}"
+                    ) from exc
                 name = item
             elif isinstance(item, nn.Module):
                 if id(item) not in by_id:
-                    raise ValueError(f"layers: {type(item).__name__} module is not part of the backbone")
+                    raise ValueError(
+                        f"layers: {type(item).__name__} module is not part of the backbone"
+                    )
                 module, name = item, by_id[id(item)]
             else:
-                raise TypeError(f"layers entries must be modules or names, got {type(item).__name__}")
+                raise TypeError(
+                    f"layers entries must be modules or names, got {type(item).__name__}"
+                )
             _neurons(module)  # type check with a clear error
             if any(module is m for _, m in out):
                 raise ValueError(f"layers: module {name!r} is given twice")
@@ -290,7 +323,9 @@ class MPPS(nn.Module):
         if self._mode is None or not module.training:
             return None
         if not isinstance(output, Tensor):
-            raise TypeError(f"MPPS: layer {self.layer_names[idx]!r} returned {type(output).__name__}")
+            raise TypeError(
+                f"MPPS: layer {self.layer_names[idx]!r} returned {type(output).__name__}"
+            )
         assert self._active is not None
         mask = self._active[idx].to(output.dtype)
         dim = self._dims[idx]
@@ -365,7 +400,9 @@ class MPPS(nn.Module):
         if not self._handles:
             raise RuntimeError("MPPS was removed from the backbone; build a new one to mask again")
         if self._mode is not None:
-            raise RuntimeError("MPPS contexts do not nest: leave the current task/batched block first")
+            raise RuntimeError(
+                "MPPS contexts do not nest: leave the current task/batched block first"
+            )
 
     @contextmanager
     def task(self, t: int) -> Iterator[None]:
@@ -414,7 +451,10 @@ class MPPS(nn.Module):
         per_task = [self._draw(t) for t in range(self.num_tasks)]
         for t, masks in enumerate(per_task):
             self._drawn[t] = masks
-        self._active = [torch.stack([per_task[t][i] for t in range(self.num_tasks)]) for i in range(len(self._layers))]
+        self._active = [
+            torch.stack([per_task[t][i] for t in range(self.num_tasks)])
+            for i in range(len(self._layers))
+        ]
         self._mode = "batched"
         try:
             yield
@@ -490,14 +530,17 @@ class MPPS(nn.Module):
         self._check_loss(t, loss)
         a_all = list(self.logits)
         kl = sum(
-            kl_divergence(self.family, a[:, t], logit(self._target(i)[:, t])).sum() for i, a in enumerate(a_all)
+            kl_divergence(self.family, a[:, t], logit(self._target(i)[:, t])).sum()
+            for i, a in enumerate(a_all)
         )
         value = loss.detach().reshape(()).to(self.baseline.dtype)
         base = self._baseline_value()[t]
         obj = loss.reshape(()) + self.beta * kl
         if self.family == "bernoulli":
             logp = sum(
-                (bernoulli_log_prob(self._drawn[t][i], a[:, t]) * (a.detach().argmax(-1) != t)).sum()
+                (
+                    bernoulli_log_prob(self._drawn[t][i], a[:, t]) * (a.detach().argmax(-1) != t)
+                ).sum()
                 for i, a in enumerate(a_all)
             )
             surrogate = (value - base) * logp
@@ -523,7 +566,11 @@ class MPPS(nn.Module):
     def diagnostics(self) -> dict[str, Tensor]:
         """Of the last objectives: ``kl`` ([T], the KL terms), ``baseline`` ([T], the baselines
         used) and ``ec`` (EC of ``Phi`` now)."""
-        return {"kl": self._diag_kl.clone(), "baseline": self._diag_base.clone(), "ec": self.ec().detach()}
+        return {
+            "kl": self._diag_kl.clone(),
+            "baseline": self._diag_base.clone(),
+            "ec": self.ec().detach(),
+        }
 
     def regularize(self, task_losses: Sequence[Tensor]) -> list[Tensor]:
         """:meth:`objective` for every task: the ``T`` masked task losses -> the ``T`` objectives.
@@ -650,7 +697,10 @@ class MPPS(nn.Module):
         if self.adaptive_target:
             source = self.phi
         else:
-            source = [exclusive_phi(p.shape[0], self.num_tasks, self.eps, p.dtype, p.device) for p in self.phi]
+            source = [
+                exclusive_phi(p.shape[0], self.num_tasks, self.eps, p.dtype, p.device)
+                for p in self.phi
+            ]
         new = update_target(source, scheduled, self.eps, self.target_update)
         for i, pi in enumerate(new):
             self._target(i).copy_(pi)
@@ -701,7 +751,9 @@ class MPPS(nn.Module):
         for key in ("num_tasks", "family", "layer_names"):
             mine = getattr(self, key)
             if state[key] != mine:
-                raise ValueError(f"MPPS state_dict was saved with {key}={state[key]!r}, this one has {mine!r}")
+                raise ValueError(
+                    f"MPPS state_dict was saved with {key}={state[key]!r}, this one has {mine!r}"
+                )
         self.epoch = int(state["epoch"])
         self._generator.set_state(state["rng"].clone())
         self._drawn = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ECScheduler", "Separ", "FullShare", "StepN", "Linear", "Quad"]
+__all__ = ["ECScheduler", "FullShare", "Linear", "Quad", "Separ", "StepN"]
 
 
 def _check_epochs(epochs: int) -> int:
@@ -34,7 +34,9 @@ def _check_epochs(epochs: int) -> int:
 def _check_frozen(frozen: int | tuple[int, int]) -> tuple[int, int]:
     pair = (frozen, frozen) if isinstance(frozen, int) else tuple(frozen)
     if len(pair) != 2 or any(isinstance(f, bool) or not isinstance(f, int) or f < 0 for f in pair):
-        raise ValueError(f"frozen must be an int >= 0 or a pair (start, end) of them, got {frozen!r}")
+        raise ValueError(
+            f"frozen must be an int >= 0 or a pair (start, end) of them, got {frozen!r}"
+        )
     return int(pair[0]), int(pair[1])
 
 
@@ -181,7 +183,9 @@ class Quad(ECScheduler):
         [1.0, 0.5625, 0.25, 0.0625, 0.0]
     """
 
-    def __init__(self, epochs: int, frozen: int | tuple[int, int] = 0, convex: bool = False) -> None:
+    def __init__(
+        self, epochs: int, frozen: int | tuple[int, int] = 0, convex: bool = False
+    ) -> None:
         self.convex = bool(convex)
         super().__init__(epochs, frozen, min_middle=2)
 

@@ -80,7 +80,9 @@ def update_target(
         0.5
     """
     if isinstance(phis, Tensor):
-        raise TypeError("phis must be a sequence of per-layer tensors; wrap a single tensor in a list")
+        raise TypeError(
+            "phis must be a sequence of per-layer tensors; wrap a single tensor in a list"
+        )
     if len(phis) == 0:
         raise ValueError("update_target needs at least one layer")
     for i, p in enumerate(phis):
