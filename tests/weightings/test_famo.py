@@ -112,6 +112,9 @@ def test_validation_and_registry() -> None:
         FAMO(min_losses=[0.0, 0.0, 0.0])(torch.ones(2, 3), torch.ones(2))
     with pytest.raises(RuntimeError, match="first"):
         FAMO().update(torch.ones(2))
+    unchecked = FAMO(validate=False)
+    unchecked(torch.ones(2, 3), torch.tensor([1.0, -0.5]))
+    assert bool((unchecked.weights < 0).any())  # documented: meaningless weights, no error
     zero = FAMO()(torch.ones(2, 3), torch.tensor([0.0, 1.0]))  # L = L*: eps keeps it finite
     assert bool(torch.isfinite(zero).all())
     assert isinstance(get("famo", beta=0.01), FAMO)

@@ -95,6 +95,19 @@ def test_gramian_path_equals_row_norm_path() -> None:
     assert torch.allclose(a.task_weights, b.task_weights, rtol=1e-12)
 
 
+def test_all_weights_at_zero_restart_at_one() -> None:
+    """alpha < 1 lets every G_W^(i) exceed its target (mean r^alpha < 1); a huge step then
+    pushes every weight below 0, and they restart at 1 (no host sync)."""
+    agg = GradNorm(alpha=0.5, lr=100.0, optimizer="sgd")
+    agg.load_state_dict({"weights": {"value": torch.ones(2, dtype=torch.float64),
+                                     "optimizer": None},
+                         "initial_losses": torch.ones(2, dtype=torch.float64)})
+    J = torch.tensor([[0.4, 0.0], [0.0, 1.6]], dtype=torch.float64)
+    agg(J, torch.tensor([0.1, 1.9], dtype=torch.float64))
+    assert float(agg.diagnostics["restarted"]) == 1.0
+    assert torch.equal(agg.task_weights, torch.ones(2, dtype=torch.float64))
+
+
 def test_state_dict_roundtrip_gives_identical_next_output() -> None:
     rng = np.random.default_rng(0)
     steps = [(torch.tensor(rng.standard_normal((3, 4))), torch.tensor(rng.uniform(0.1, 2, 3)))

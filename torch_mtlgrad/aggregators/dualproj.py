@@ -10,7 +10,8 @@ Multi-Objective Optimization*, arXiv:2406.16232, 2024) name the aggregator built
 By the dual problem, ``pi_J(v) = v + J^T lam`` with
 ``lam = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T (J v)`` and ``J v = G p``, so the weights are
 ``w = p + lam`` and ``d = w^T J``: computed from ``G = J J^T`` only, with the library's one
-cone-projection solver (:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`).
+cone-projection solver (:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`; exact,
+float64, on the CPU: one host synchronisation per call).
 
 Non-conflicting (``J d >= 0``) and, with uniform ``p``, invariant to the order of the tasks; unlike
 UPGrad it is not linear under scaling of the rows (the paper's comparison table).

@@ -14,7 +14,8 @@ paper's Proposition on the dual problem): ``pi_J(p_i g_i) = J^T (p_i e_i + lam_i
 
 so the weights are ``w = p + sum_i lam_i`` and ``d = w^T J``; computed from ``G = J J^T`` only,
 with the library's one cone-projection solver
-(:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`, exact, float64, CPU).
+(:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`, exact, float64, on the CPU: one
+host synchronisation per call).
 
 Properties the paper proves (and the tests check): non-conflicting (``J d >= 0``), linear under
 scaling of the rows (``c -> A(diag(c) J)`` is linear for ``c > 0``), weighted (``d`` lies in the

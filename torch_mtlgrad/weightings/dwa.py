@@ -40,6 +40,8 @@ class DWA(WeightedAggregator):
         temperature: the softness ``T`` of the weights (default 2, the paper's).
         steps_per_epoch: calls per epoch (default 1); ``None`` to end epochs with
             :meth:`end_epoch`.
+        validate: check every call that the losses are non-negative (default); this reads the
+            losses on the host, so pass ``False`` for a sync-free step on CUDA.
 
     Diagnostics of the last call: ``loss_ratio`` (``w_k(t-1)``, ones during the first two
     epochs), ``epoch`` (the current epoch ``t``, 1-based).
@@ -59,7 +61,8 @@ class DWA(WeightedAggregator):
     needs_losses = True
     stateful = True
 
-    def __init__(self, temperature: float = 2.0, steps_per_epoch: int | None = 1) -> None:
+    def __init__(self, temperature: float = 2.0, steps_per_epoch: int | None = 1,
+                 validate: bool = True) -> None:
         super().__init__()
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -69,6 +72,7 @@ class DWA(WeightedAggregator):
                 f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
         self.temperature = float(temperature)
         self.steps_per_epoch = steps_per_epoch
+        self.validate = bool(validate)
         self.completed = 0  # epochs completed
         self.history: Tensor | None = None  # [2, T]: L(t-2), L(t-1) epoch averages
         self.running: Tensor | None = None  # [T] sum of this epoch's losses
@@ -92,11 +96,12 @@ class DWA(WeightedAggregator):
         if tracked is not None and tracked.shape[-1] != T:
             raise ValueError(f"DWA was tracking {tracked.shape[-1]} tasks, got J with {T} rows; "
                              "call reset() to start over")
-        bad = (losses < 0).nonzero().flatten()
-        if bad.numel():
-            t = int(bad[0])
-            raise ValueError(f"task {t} has loss {float(losses[t])!r}: DWA's loss ratios need "
-                             "non-negative losses")
+        if self.validate:
+            bad = (losses < 0).nonzero().flatten()
+            if bad.numel():
+                t = int(bad[0])
+                raise ValueError(f"task {t} has loss {float(losses[t])!r}: DWA's loss ratios "
+                                 "need non-negative losses")
         lam, ratio = self.current_weights(T, J)
         self.diagnostics = {"loss_ratio": ratio, "epoch": torch.tensor(float(self.completed + 1))}
         L = losses.detach()

@@ -51,6 +51,9 @@ class FAMO(WeightedAggregator):
         optimizer: ``"adam"`` (default, the authors' code) or ``"sgd"`` (Algorithm 1 as printed).
         min_losses: the lower bounds ``L*`` (``[T]`` or a sequence), default 0.
         eps: added to ``L - L*`` (default 1e-8).
+        validate: check every call that ``L >= L*`` (default); this reads the losses on the
+            host, so pass ``False`` for a sync-free step on CUDA (a loss below its bound then
+            gives meaningless weights, negative or NaN, instead of an error).
 
     Diagnostics of the last call: ``z`` (``softmax(xi)`` used for the weights), ``delta``
     (the log-loss decrease used for the update; NaN when no update ran).
@@ -70,13 +73,15 @@ class FAMO(WeightedAggregator):
     stateful = True
 
     def __init__(self, beta: float = 0.025, gamma: float = 0.01, optimizer: OptimizerName = "adam",
-                 min_losses: Tensor | Sequence[float] | None = None, eps: float = 1e-8) -> None:
+                 min_losses: Tensor | Sequence[float] | None = None, eps: float = 1e-8,
+                 validate: bool = True) -> None:
         super().__init__()
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.eps = float(eps)
+        self.validate = bool(validate)
         self.min_losses = None if min_losses is None else torch.as_tensor(min_losses).detach()
         if self.min_losses is not None and self.min_losses.dim() != 1:
             raise ValueError(f"min_losses must be 1-D (one per task), got shape "
@@ -95,11 +100,12 @@ class FAMO(WeightedAggregator):
         if Ls.shape[0] != T:
             raise ValueError(f"min_losses has {Ls.shape[0]} entries, expected {T} (one per task)")
         D = losses - Ls
-        bad = (~(D >= 0) if self.eps > 0 else ~(D > 0)).nonzero().flatten()
-        if bad.numel():
-            t = int(bad[0])
-            raise ValueError(f"task {t} has loss {float(losses[t])!r} below its lower bound "
-                             f"L* = {float(Ls[t])!r}: FAMO takes log(L - L*)")
+        if self.validate:
+            bad = (~(D >= 0) if self.eps > 0 else ~(D > 0)).nonzero().flatten()
+            if bad.numel():
+                t = int(bad[0])
+                raise ValueError(f"task {t} has loss {float(losses[t])!r} below its lower bound "
+                                 f"L* = {float(Ls[t])!r}: FAMO takes log(L - L*)")
         return D + self.eps
 
     def _update(self, before: Tensor, after: Tensor) -> Tensor:

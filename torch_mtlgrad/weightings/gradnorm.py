@@ -19,7 +19,7 @@ Each call (Algorithm 1): the direction is ``d = sum_i w_i g_i`` with the current
 ``w`` takes one step of its own optimizer on ``dL_grad/dw`` and is renormalised so that
 ``sum_i w_i = T``.  Choices the paper leaves open, documented: weights are clipped at 0 before
 the renormalisation (the paper's renormalisation assumes positive weights; if every weight
-reaches 0 they restart at 1, with a warning), and ``alpha`` defaults to 1.5 (the paper's value
+reaches 0 they restart at 1, ``diagnostics["restarted"] = 1``), and ``alpha`` defaults to 1.5 (the paper's value
 for NYUv2; it is the asymmetry hyperparameter named ``alpha`` in the paper).  The paper updates
 ``w`` with the network's optimizer and learning rate; here ``optimizer="adam"`` with
 ``lr=0.025`` by default (no paper default exists: tune it like a learning rate).
@@ -30,13 +30,13 @@ read, computed as the row norms of ``J`` (O(TD), not the O(T^2 D) Gramian).  ``l
 end)`` restricts the norms to those columns of ``J`` (e.g. the last shared layer's range from
 ``FlatLayout.param_range``), as in the paper.
 
-The losses must be positive at the first call (they are the denominators of ``L~``).
+The losses must be positive at the first call (they are the denominators of ``L~``; checked
+once, the only host synchronisation: later steps are sync-free on CUDA).
 State (``state_dict``): ``w`` with its optimizer state and the initial losses ``L(0)``.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -46,8 +46,6 @@ from ..aggregators._base import WeightedAggregator
 from ._optim import LearnedVector, OptimizerName
 
 __all__ = ["GradNorm"]
-
-log = logging.getLogger(__name__)
 
 
 class GradNorm(WeightedAggregator):
@@ -61,7 +59,7 @@ class GradNorm(WeightedAggregator):
             shared layer ``W``); ``None`` (default) uses the whole row.
 
     Diagnostics of the last call: ``grad_norms`` (``||g_i||``), ``target``, ``ratio``
-    (``r_i``), ``l_grad``.
+    (``r_i``), ``l_grad``, ``restarted``.
 
     Example:
         >>> import torch
@@ -144,11 +142,12 @@ class GradNorm(WeightedAggregator):
         self._w.step(grad)
         new = self._w.get().clamp_min(0)
         total = new.sum()
-        if bool(total <= 0):
-            log.warning("GradNorm: every task weight reached 0; restarting them at 1")
-            new = torch.ones_like(new)
-            total = new.sum()
+        # Every weight at 0 (only with a very large lr): restart at 1, without a host sync.
+        restart = total <= 0
+        new = torch.where(restart, torch.ones_like(new), new)
+        total = torch.where(restart, torch.full_like(total, float(T)), total)
         self._w.assign(new * (T / total))
+        self.diagnostics["restarted"] = restart.to(new.dtype)
         return used.to(J.dtype)
 
     def state_dict(self) -> dict[str, Any]:

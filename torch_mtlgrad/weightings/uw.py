@@ -23,6 +23,7 @@ In the paper ``s`` is trained jointly with the network by the same optimizer; he
 mirror the paper).  ``s`` starts at ``init_log_var`` (default 0, i.e. ``sigma = 1``).
 
 The weights need neither ``J`` nor its Gramian (only the losses); the direction is ``w^T J``.
+Everything stays on ``J``'s device; no host synchronisation.
 State (``state_dict``): ``s`` and its optimizer state.
 """
 
