@@ -37,7 +37,7 @@ def test_stage_structure() -> None:
         shared_ids = {id(p) for p in pro.weight_optimizer.layout.params}
         want = {id(p) for m in [*pro.trunk[: b - 1], *sp.group_chain] for p in m.parameters()}
         assert shared_ids == want
-        assert pro.noticing.modules == [sp.decision_module, *sp.group_chain]
+        assert pro.noticing.modules == [*pro.trunk[: b - 1], *sp.group_chain]  # notice="path"
         _force(pro, set())  # nobody takes the shared branch: everyone goes on
     assert pro.done
     res = pro.result()
@@ -98,6 +98,24 @@ def test_weight_step_notices_conflict_on_the_decision_module() -> None:
     new = torch.cat([p.detach().flatten() for p in shared])
     torch.testing.assert_close(new, old - torch.from_numpy(Jz.sum(0)).float(), rtol=1e-5, atol=1e-6)
     assert int(pro.noticing.diagnostics["conflict_pstar"]) == pstar
+
+
+@pytest.mark.parametrize("notice", ["decision", "chain"])
+def test_notice_scopes(notice: str) -> None:
+    pro = _pro(T=3, K=3, notice=notice)
+    _force(pro, {0})
+    sp = pro.space
+    want = [sp.decision_module] + (list(sp.group_chain) if notice == "chain" else [])
+    assert pro.noticing.modules == want
+
+
+def test_margin_keeps_near_ties_shared() -> None:
+    pro = _pro(T=3, K=2, margin=0.1)
+    with torch.no_grad():  # own-branch weights 0.52, 0.62, 0.5: only task 1 is past the margin
+        pro.space.alpha.copy_(torch.log(torch.tensor([[0.48, 0.52], [0.38, 0.62], [0.5, 0.5]])))
+    assert pro.end_stage() == (0, 2)
+    with pytest.raises(ValueError, match="margin"):
+        _pro(margin=1.0)
 
 
 def test_run_and_errors() -> None:

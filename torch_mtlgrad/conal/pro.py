@@ -11,8 +11,8 @@ Each task of the stage has a 2-entry ``alpha`` and its encoder output is the sof
 sum of the two branches (the CoNAL relaxation restricted to the stage).  Both the group chain
 and the own chains of a stage start as copies of the trunk modules at their levels, so neither
 branch starts ahead of the other.  The weight step runs
-conflict noticing (eq. 5) on the decision module ``f_S^{b-1}`` (and, by default, the group chain
-after it); the trunk before it gets the plain sum.  At the end of the stage the tasks whose
+conflict noticing (eq. 5) on the modules the stage's tasks share (by default the whole path:
+trunk ``1 .. b-1`` and the group chain; see ``notice``).  At the end of the stage the tasks whose
 ``argmax alpha`` is branch ``b`` form a subgroup that branches at ``b`` and leaves the search;
 the others go on to the next stage with a new group chain one module longer.  After the stage with ``b = 2``, tasks still left get separate
 networks (branch point 1).  Only the modules of the stage are held, so memory does not grow with
@@ -151,9 +151,18 @@ class ProgressiveSearch:
         alpha_optimizer: factory for each stage's ``alpha`` (default DARTS' ``Adam(lr=3e-4,
             betas=(0.5, 0.999), weight_decay=1e-3)``).
         aggregator: how the kept shared columns are combined (``"sum"``: eq. 5).
-        notice: ``"chain"`` (default) runs conflict noticing on the decision module and the group
-            chain after it; ``"decision"`` on the decision module only (the paper: "only the
-            gradient conflict of the last all-shared module needs to be calculated").
+        notice: which modules conflict noticing (eq. 5) covers in a stage.  ``"path"`` (default):
+            every module the stage's tasks share, input to output (trunk ``1 .. b-1`` then the
+            group chain), i.e. eq. 5 on the stage's shared path; ``"chain"``: the decision module
+            and the group chain; ``"decision"``: the decision module only (the paper's "only the
+            gradient conflict of the last all-shared module needs to be calculated"; cheapest).
+            With ``"decision"``/``"chain"`` the trunk below the decision module keeps training on
+            the sum of the stage's losses while the decision module is frozen by conflicts, so
+            the shared branch degrades under the tasks that want it; ``"path"`` avoids that.
+        margin: a task leaves the shared branch only if its own branch's weight exceeds the
+            shared one's by more than ``margin`` (``0``: the paper's argmax, ties to sharing).
+            The two branches start as equal copies, so a task served equally well by both sits
+            near a tie that noise decides; a small margin (e.g. 0.1) keeps it shared.
         window: conflict-diagnostics window.
 
     Loop (``tasks`` and the outputs of ``space`` are in the same order)::
@@ -187,7 +196,8 @@ class ProgressiveSearch:
         weight_optimizer: OptFactory = default_weight_optimizer,
         alpha_optimizer: OptFactory = default_alpha_optimizer,
         aggregator: str | Aggregator = "sum",
-        notice: str = "chain",
+        notice: str = "path",
+        margin: float = 0.0,
         window: int = 100,
     ) -> None:
         modules = list(modules)
@@ -197,8 +207,10 @@ class ProgressiveSearch:
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if heads is not None and len(heads) != num_tasks:
             raise ValueError(f"got {len(heads)} heads for {num_tasks} tasks")
-        if notice not in ("chain", "decision"):
-            raise ValueError(f"notice must be 'chain' or 'decision', got {notice!r}")
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+        if notice not in ("path", "chain", "decision"):
+            raise ValueError(f"notice must be 'path', 'chain' or 'decision', got {notice!r}")
         self.num_tasks = num_tasks
         self.num_modules = len(modules)
         self.trunk = nn.ModuleList(modules)
@@ -207,6 +219,7 @@ class ProgressiveSearch:
         self.alpha_factory = alpha_optimizer
         self.aggregator = aggregator
         self.notice = notice
+        self.margin = float(margin)
         self.window = window
         self.branches: list[Branch] = []
         self.group_chains: list[list[nn.Module]] = []  # parallel to self.branches
@@ -236,7 +249,10 @@ class ProgressiveSearch:
             self._own[t] = [copy_of(k) for k in range(b - 1, K + 1)]
         heads = [self.heads[t] for t in self._remaining] if self.heads is not None else None
         self.space = ProStage(self.trunk, b, self._remaining, group, [self._own[t] for t in self._remaining], heads)
-        notice_mods = [self.space.decision_module] + (list(self.space.group_chain) if self.notice == "chain" else [])
+        if self.notice == "path":
+            notice_mods = self.space.shared_modules()
+        else:
+            notice_mods = [self.space.decision_module] + (list(self.space.group_chain) if self.notice == "chain" else [])
         self.noticing = ConflictNoticing(notice_mods, window=self.window)
         shared = [p for m in self.space.shared_modules() for p in m.parameters()]
         self.weight_optimizer = MultiTaskOptimizer(
@@ -278,14 +294,15 @@ class ProgressiveSearch:
         return v
 
     def end_stage(self) -> tuple[int, ...]:
-        """Close the stage: tasks whose ``argmax alpha`` is the shared branch form a subgroup.
+        """Close the stage: tasks whose ``argmax alpha`` is the shared branch form a subgroup
+        (with ``margin``: whose own-branch weight is not above the shared one by more than it).
 
         Returns the subgroup (possibly empty).  Builds the next stage unless every task is placed.
         """
         self._need_running()
         b = self.space.branch_point
         w = torch.softmax(self.space.alpha.detach(), dim=-1)
-        take = [t for t, row in zip(self._remaining, w) if bool(row[0] >= row[1])]
+        take = [t for t, row in zip(self._remaining, w) if bool(row[1] - row[0] <= self.margin)]
         self.stages.append({
             "stage": self.stage,
             "branch_point": b,

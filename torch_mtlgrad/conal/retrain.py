@@ -9,6 +9,7 @@ aggregator of your choice (``"rlw"`` by default, any registered name or an ``Agg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ def retrain_optimizer(
     aggregator: str | Aggregator = "rlw",
     *,
     shared: str = "multi_task",
+    plugins: Sequence[Any] = (),
     **aggregator_kwargs: Any,
 ) -> MultiTaskOptimizer:
     """Wrap ``optimizer`` (over ``network.parameters()``) for retraining the derived network.
@@ -48,6 +50,8 @@ def retrain_optimizer(
             * ``"all"``: every parameter goes through the aggregator, which is eq. 3 literally for
               RLW (each task-specific block scaled by its ``w_t``), at the memory cost of a
               ``[T, all parameters]`` Jacobian.
+        plugins: gradient plugins for the optimizer (e.g. a ``ConflictNoticing(...,
+            zero=False)`` on the shared modules to measure their conflict ratio).
         aggregator_kwargs: passed to ``aggregators.get`` when ``aggregator`` is a name.
 
     Example:
@@ -81,4 +85,5 @@ def retrain_optimizer(
             "the architecture shares no module between two tasks (separate networks): there is "
             "nothing to aggregate; train it with a plain optimizer on sum(losses), or use shared='all'"
         )
-    return MultiTaskOptimizer(optimizer, shared=params, aggregator=aggregator, num_tasks=network.num_tasks)
+    return MultiTaskOptimizer(optimizer, shared=params, aggregator=aggregator, num_tasks=network.num_tasks,
+                              plugins=plugins)
