@@ -3,16 +3,14 @@
 Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, *Multi-Task Learning as a
 Bargaining Game*, ICML 2022 (arXiv:2202.01017).
 
-The tasks bargain over the update ``d`` in a ball: ``max_d sum_i log(g_i^T d)``.  The paper's
-Theorem (Sec. 3, "Nash-MTL") shows the maximiser is ``d = sum_i alpha_i g_i`` with ``alpha > 0``
-solving
+The tasks bargain over the update ``d`` in a ball: ``max_d sum_i log(g_i^T d)``.  The paper
+shows (Sec. 3) that the maximiser is ``d = sum_i alpha_i g_i`` with ``alpha > 0`` solving
 
     G alpha = 1 / alpha        (element-wise; the paper's ``G^T G alpha = 1/alpha``, its ``G``
                                 being the ``D x T`` matrix of gradients, so its ``G^T G`` is our
                                 Gramian ``G = J J^T``)
 
-The paper solves this with a sequence of convex problems (Sec. 3, "Solving the optimization
-problem"): with ``beta_i(alpha) = (G alpha)_i`` and ``phi_i(alpha) = log alpha_i + log beta_i``,
+The paper solves this with a sequence of convex problems (Sec. 3): with ``beta_i(alpha) = (G alpha)_i`` and ``phi_i(alpha) = log alpha_i + log beta_i``,
 
     min_alpha  sum_i beta_i(alpha) + phi(alpha)   s.t.  -phi_i(alpha) <= 0,  alpha >= 0,
 
