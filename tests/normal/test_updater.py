@@ -162,6 +162,17 @@ def test_post_step_schedule(grads, lr, every):
     assert upd.num_steps == len(grads) and len(upd.history) == len(grads) + 1
 
 
+def test_max_move_clamps_each_update():
+    block = TimeAwareODE(2, 3, positions_init=[0.0, 0.0, 0.0])
+    upd = PositionUpdater(block, lr=1.0, max_move=0.25)
+    block.positions.grad = torch.tensor([10.0, -0.1, -7.0])
+    upd.post_step()
+    assert torch.allclose(block.positions.detach(), torch.tensor([-0.25, 0.1, 0.25]))
+    assert upd.state_dict()["max_move"] == 0.25
+    with pytest.raises(ValueError, match="max_move"):
+        PositionUpdater(block, lr=1.0, max_move=0.0)
+
+
 def test_strict_alternation_with_manual_step():
     net = Net()
     x, ys = _data()

@@ -108,6 +108,9 @@ class PositionUpdater:
         lr: the positions' step size ``eta > 0``.
         every: update the positions on every ``every``-th step (1: joint; see the module doc).
         optimizer: when given, checked not to hold the positions (``ValueError`` otherwise).
+        max_move: ``None`` (default) applies Algorithm 1 exactly; a positive number clamps each
+            position's move per update to ``[-max_move, max_move]`` (a safeguard against a
+            gradient spike throwing a position far out; not in the paper).
         check_untouched: raise ``RuntimeError`` in ``post_step()`` when the positions changed
             since the updater last touched them (the sign that another optimizer steps them);
             after editing positions by hand, call :meth:`sync`.
@@ -135,6 +138,7 @@ class PositionUpdater:
         *,
         every: int = 1,
         optimizer: Any = None,
+        max_move: float | None = None,
         check_untouched: bool = True,
     ) -> None:
         if isinstance(positions, TimeAwareODE):
@@ -144,6 +148,9 @@ class PositionUpdater:
         if not positions.requires_grad:
             raise ValueError("the positions do not require grad: they would never move")
         self._check_schedule(lr, every)
+        if max_move is not None and not (isinstance(max_move, (int, float)) and max_move > 0):
+            raise ValueError(f"max_move must be None or a positive number, got {max_move!r}")
+        self.max_move = None if max_move is None else float(max_move)
         self.positions: Tensor = positions
         self.lr = float(lr)
         self.every = int(every)
@@ -203,7 +210,10 @@ class PositionUpdater:
         if g is None:
             log.debug("PositionUpdater: the positions have no gradient this step; not moved")
             return
-        self.positions.add_(g, alpha=-self.lr)
+        if self.max_move is None:
+            self.positions.add_(g, alpha=-self.lr)
+        else:
+            self.positions.add_((-self.lr * g).clamp_(-self.max_move, self.max_move))
         self.positions.grad = None
 
     def step(self) -> None:
@@ -238,6 +248,7 @@ class PositionUpdater:
             "positions": self.positions.detach().cpu().clone(),
             "lr": self.lr,
             "every": self.every,
+            "max_move": self.max_move,
             "num_steps": self.num_steps,
             "history": self.history.state_dict(),
         }
@@ -255,9 +266,11 @@ class PositionUpdater:
             self.positions.copy_(pos)
         self.lr = float(state["lr"])
         self.every = int(state["every"])
+        self.max_move = state.get("max_move")
         self.num_steps = int(state["num_steps"])
         self.history.load_state_dict(state["history"])
         self._last = self.positions.detach().clone()
 
     def __repr__(self) -> str:
-        return f"PositionUpdater(T={self.positions.shape[0]}, lr={self.lr}, every={self.every})"
+        return (f"PositionUpdater(T={self.positions.shape[0]}, lr={self.lr}, every={self.every}, "
+                f"max_move={self.max_move})")
