@@ -306,6 +306,24 @@ def test_task_specific_parameters_lists_heads_and_plugin_tensors(world_of_one) -
     assert [id(p) for p in got] == [id(p) for p in model.heads.parameters()] + [id(extra)]
 
 
+def test_sharded_parameters_are_refused(world_of_one) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    w = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    head = nn.Linear(4, 1)
+    opt = MultiTaskOptimizer(torch.optim.SGD([w, *head.parameters()], lr=0.1), shared=[w])
+    with pytest.raises(NotImplementedError, match="parameter 0 of the optimizer is sharded"):
+        distribute(opt)
+    assert not any(isinstance(p, JacobianAllReduce) for p in opt.plugins)
+
+
+def test_representation_capture_is_refused(world_of_one) -> None:
+    model, opt = build("mgda", capture="representation")
+    with pytest.raises(ValueError, match="representation"):
+        distribute(opt)
+
+
 def test_not_initialised_is_a_clear_error() -> None:
     if dist.is_initialized():
         pytest.skip("a process group is already initialised")

@@ -435,7 +435,7 @@ def _live_tensors() -> tuple[int, int]:
     count, seen, nbytes = 0, set(), 0
     for obj in gc.get_objects():
         try:
-            if not isinstance(obj, torch.Tensor):
+            if not issubclass(type(obj), torch.Tensor):
                 continue
             count += 1
             if obj.device.type == "meta":

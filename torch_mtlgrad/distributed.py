@@ -44,6 +44,7 @@ Without DDP, build the same model on every rank from the same seed (or pass
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -300,6 +301,19 @@ def broadcast_parameters(params: nn.Module | Iterable[Tensor], process_group: An
                 off += n
 
 
+def _check_not_sharded(params: Iterable[Tensor]) -> None:
+    """Sharded parameters (FSDP's FlatParameter, DTensor) are not supported yet: refuse them."""
+    dtensor_mod = sys.modules.get("torch.distributed.tensor")  # no import: none exist otherwise
+    dtensor = getattr(dtensor_mod, "DTensor", None)
+    for i, p in enumerate(params):
+        if (dtensor is not None and isinstance(p, dtensor)) or type(p).__name__ == "FlatParameter":
+            raise NotImplementedError(
+                f"parameter {i} of the optimizer is sharded ({type(p).__name__}): FSDP / DTensor "
+                "training is not supported yet (see docs/robustness.md); use DDP, or keep the shared "
+                "encoder replicated"
+            )
+
+
 def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = True) -> JacobianAllReduce:
     """Make a :class:`~torch_mtlgrad.MultiTaskOptimizer` data-parallel over ``process_group``.
 
@@ -330,6 +344,7 @@ def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = T
         )
     if any(isinstance(p, JacobianAllReduce) for p in optimizer.plugins):
         raise ValueError("this optimizer is already distributed (it has a JacobianAllReduce plugin)")
+    _check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
     plugin = JacobianAllReduce(process_group)
     plugin.bind(layout)
     if broadcast:
