@@ -238,8 +238,8 @@ def compare(args: argparse.Namespace) -> None:
         for t in range(T):
             vals = [r[t] for r in rs]
             cols.append(f"{statistics.mean(vals):.4f}+-{statistics.pstdev(vals):.4f}")
-        ds = [round(delta(r, base), 6) + 0.0 for r in rs]
-        cols.append(f"{statistics.mean(ds):+.2f}+-{statistics.pstdev(ds):.2f}")
+        ds = [delta(r, base) for r in rs]
+        cols.append(f"{round(statistics.mean(ds), 2) + 0.0:+.2f}+-{statistics.pstdev(ds):.2f}")
         print(
             f"{kind:<18}" + "".join(f"{c:>16}" for c in cols) + f"{times[kind] / args.seeds:>12.1f}"
         )

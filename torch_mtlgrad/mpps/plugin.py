@@ -58,9 +58,14 @@ forward on the batch repeated ``T`` times (``[x; x; ...; x]``, task-major blocks
 masked for task ``t``.  Both
 give the same losses for the same masks when the backbone treats samples independently; with
 BatchNorm in train mode the batched form normalises over all ``T`` copies at once, so it is a
-different (usually harmless) estimator.  The batched form is faster when one forward does not
-saturate the device (small batches, GPUs) and is no better on a CPU that a single forward already
-saturates; ``benchmarks/RESULTS.md`` has the measurements.
+different estimator (and BatchNorm's running statistics are updated once per step, not ``T``
+times).  Which is faster: on a CPU, use the sequential form; measured on a 2-core CPU (small CNN,
+batch 32, ``T`` = 3 and 10) the batched form took 1.1-1.4x the sequential form's CPU time, because
+one forward already keeps the CPU busy and the batched form adds the ``T``-fold tensors' memory
+traffic.  The batched form can only win where one forward leaves the device idle (small batches on
+a GPU); ``benchmarks/RESULTS.md`` has the numbers (``examples/mpps_multitask.py --bench``).  For
+memory, the one-graph-at-a-time sequential loop holds what hard sharing holds; the other two hold
+``T`` graphs.
 """
 
 from __future__ import annotations
