@@ -193,7 +193,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, jobs: list[tup
         for key, fn, args in jobs:
             try:
                 results[key] = globals()[fn](rank, *args)
-            except Exception:  # reported by the parent, with the traceback
+            except Exception:  # noqa: BLE001  (reported by the parent, with the traceback)
                 results[key] = "ERROR\n" + traceback.format_exc()
             dist.barrier()
     finally:
@@ -319,7 +319,7 @@ def test_sharded_parameters_are_refused(world_of_one) -> None:
 
 
 def test_representation_capture_is_refused(world_of_one) -> None:
-    model, opt = build("mgda", capture="representation")
+    _, opt = build("mgda", capture="representation")
     with pytest.raises(ValueError, match="representation"):
         distribute(opt)
 

@@ -169,7 +169,10 @@ SKIP_CASES = [("central+tension", False), ("pcgrad", True), ("famo", True), ("mg
 @pytest.mark.parametrize("name,adam", SKIP_CASES)
 def test_skip_policy_changes_nothing_and_resumes_as_if_never_seen(name: str, adam: bool, caplog) -> None:
     bad_steps = {2, 5}
-    conflict = lambda m: [m.encoder[0], m.encoder[2]]  # noqa: E731  (a stateful plugin too)
+
+    def conflict(m: Net) -> list[nn.Module]:  # a stateful plugin too
+        return [m.encoder[0], m.encoder[2]]
+
     torch.manual_seed(0)
     model = Net()
     base = (torch.optim.Adam(model.parameters(), lr=1e-2) if adam
@@ -321,9 +324,9 @@ def corrupt(kind: str, losses: list[torch.Tensor], t: int, k: int, shape: list[i
 
 
 JUNK = st.sampled_from([None, 1.0, 3, "loss", [0.5], b"x", object()])
-loss_cases = dict(t=st.integers(0, T - 1), k=st.integers(1, 3),
-                  shape=st.lists(st.integers(2, 3), min_size=1, max_size=3),
-                  value=st.sampled_from([NAN, float("inf"), -float("inf")]), junk=JUNK)
+loss_cases = {"t": st.integers(0, T - 1), "k": st.integers(1, 3),
+              "shape": st.lists(st.integers(2, 3), min_size=1, max_size=3),
+              "value": st.sampled_from([NAN, float("inf"), -float("inf")]), "junk": JUNK}
 
 
 def drive_backward(kind: str, t: int, k: int, shape: list[int], value: float, junk, legacy: bool) -> None:
@@ -422,9 +425,9 @@ def test_hostile_shared_parameters_and_options(kind, i, option) -> None:
 def test_hostile_task_index(index) -> None:
     model, opt = build("mgda", num_tasks=T)
     before = flat(model).clone()
-    with pytest.raises(ValueError, match=r"task index must be an integer in \[0, 3\)"):
-        with opt.task(index):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(ValueError, match=r"task index must be an integer in \[0, 3\)"), \
+            opt.task(index):  # type: ignore[arg-type]
+        pass
     assert torch.equal(before, flat(model))
 
 
@@ -444,7 +447,7 @@ def _live_tensors() -> tuple[int, int]:
             if st_.data_ptr() not in seen:
                 seen.add(st_.data_ptr())
                 nbytes += st_.nbytes()
-        except Exception:  # noqa: S112  (objects that vanish or refuse inspection)
+        except Exception:  # noqa: BLE001, S112  (objects that vanish or refuse inspection)
             continue
     return count, nbytes
 

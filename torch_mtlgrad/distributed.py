@@ -39,6 +39,10 @@ statistics) at every forward::
 
 Without DDP, build the same model on every rank from the same seed (or pass
 ``broadcast=True`` to :func:`distribute`, the default, which copies rank 0's parameters).
+
+Sharded training (FSDP, DTensor parameters) is not supported yet and refused by
+:func:`distribute`; ``docs/robustness.md`` explains why and the Gramian-based path that would
+support it.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from torch import Tensor, nn
 
 from ._flat import FlatLayout
 
-__all__ = ["JacobianAllReduce", "distribute", "broadcast_parameters", "task_specific_parameters"]
+__all__ = ["JacobianAllReduce", "broadcast_parameters", "distribute", "task_specific_parameters"]
 
 log = logging.getLogger(__name__)
 
