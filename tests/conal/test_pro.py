@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -116,6 +118,40 @@ def test_margin_keeps_near_ties_shared() -> None:
     assert pro.end_stage() == (0, 2)
     with pytest.raises(ValueError, match="margin"):
         _pro(margin=1.0)
+
+
+def test_state_dict_resumes_bit_for_bit() -> None:
+    def make() -> ProgressiveSearch:
+        return _pro(T=3, K=2, seed=6, alpha_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1))
+
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    ys = [x[:, :1], -x[:, :1], x[:, 1:2]]
+
+    def losses(p: ProgressiveSearch) -> list[torch.Tensor]:
+        return [nn.functional.mse_loss(o, ys[t]) for t, o in zip(p.tasks, p.space(x))]
+
+    a = make()
+    for _ in range(3):
+        a.step(lambda: losses(a), lambda: losses(a))
+    _force(a, {0})
+    for _ in range(2):
+        a.step(lambda: losses(a), lambda: losses(a))
+    b = make()
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as torch.save/load would
+    assert b.stage == a.stage == 2 and b.tasks == a.tasks == [1, 2]
+    for _ in range(3):
+        a.step(lambda: losses(a), lambda: losses(a))
+        b.step(lambda: losses(b), lambda: losses(b))
+    for p, q in zip(a.space.parameters(), b.space.parameters()):
+        assert torch.equal(p, q)
+    assert a.end_stage() == b.end_stage()
+    ra, rb = a.result(), b.result()
+    assert ra.architecture == rb.architecture
+    for p, q in zip(ra.network.parameters(), rb.network.parameters()):
+        assert torch.equal(p, q)
+    c = make()
+    c.load_state_dict(a.state_dict())  # a finished search
+    assert c.done and c.result().architecture == ra.architecture
 
 
 def test_run_and_errors() -> None:

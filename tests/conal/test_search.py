@@ -75,14 +75,14 @@ def test_step_and_resume_bit_for_bit() -> None:
     space = _space(4)
     search = BilevelSearch(space, alpha_optimizer=torch.optim.Adam(space.arch_parameters(), lr=0.05), window=8)
     for i in range(3):
-        info = search.step(lambda: _losses(space, _batch(100 + i)), lambda: _losses(space, _batch(200 + i)))
+        info = search.step(lambda i=i: _losses(space, _batch(100 + i)), lambda i=i: _losses(space, _batch(200 + i)))
     assert set(info) == {"val_loss", "train_losses", "pstar"}
     space2 = copy.deepcopy(space)
     search2 = BilevelSearch(space2, alpha_optimizer=torch.optim.Adam(space2.arch_parameters(), lr=0.05), window=8)
     search2.load_state_dict(copy.deepcopy(search.state_dict()))
     for i in range(3, 6):
-        search.step(lambda: _losses(space, _batch(100 + i)), lambda: _losses(space, _batch(200 + i)))
-        search2.step(lambda: _losses(space2, _batch(100 + i)), lambda: _losses(space2, _batch(200 + i)))
+        search.step(lambda i=i: _losses(space, _batch(100 + i)), lambda i=i: _losses(space, _batch(200 + i)))
+        search2.step(lambda i=i: _losses(space2, _batch(100 + i)), lambda i=i: _losses(space2, _batch(200 + i)))
     for a, b in zip(space.parameters(), space2.parameters()):
         assert torch.equal(a, b)
     assert search.noticing.to_dict() == search2.noticing.to_dict()

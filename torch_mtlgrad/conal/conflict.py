@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._flat import FlatLayout
 
-__all__ = ["ConflictNoticing", "SegmentGramian", "segment_gramians", "first_conflict"]
+__all__ = ["ConflictNoticing", "SegmentGramian", "first_conflict", "segment_gramians"]
 
 log = logging.getLogger(__name__)
 

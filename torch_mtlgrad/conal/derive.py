@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .space import SearchSpace, count_parameters, reinitialize
 
-__all__ = ["Branch", "Architecture", "BranchedNetwork", "Derived", "build_network", "derive"]
+__all__ = ["Architecture", "Branch", "BranchedNetwork", "Derived", "build_network", "derive"]
 
 FORMAT = "torch_mtlgrad.conal.architecture/1"
 

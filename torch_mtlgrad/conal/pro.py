@@ -39,7 +39,7 @@ from ..optimizer import MultiTaskOptimizer
 from .conflict import ConflictNoticing
 from .derive import Architecture, Branch, BranchedNetwork
 
-__all__ = ["ProStage", "ProgressiveSearch", "ProResult"]
+__all__ = ["ProResult", "ProStage", "ProgressiveSearch"]
 
 OptFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -243,7 +243,7 @@ class ProgressiveSearch:
     def _build_stage(self) -> None:
         K = self.num_modules
         b = K + 2 - self.stage
-        copy_of = lambda k: copy.deepcopy(self.trunk[k - 1])  # noqa: E731  (trunk level k, 1-based)
+        copy_of = lambda k: copy.deepcopy(self.trunk[k - 1])
         group = [copy_of(k) for k in range(b, K + 1)]
         for t in self._remaining:
             self._own[t] = [copy_of(k) for k in range(b - 1, K + 1)]
@@ -326,6 +326,48 @@ class ProgressiveSearch:
             self.stage += 1
             self._build_stage()
         return tuple(take)
+
+    # State ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the stage, the tasks left, the branches found and their
+        chains, the trunk and heads, and the current stage's modules, ``alpha`` and optimizers."""
+        return {
+            "stage": self.stage,
+            "remaining": list(self._remaining),
+            "branches": [(list(br.tasks), br.branch_point) for br in self.branches],
+            "group_chains": [[m.state_dict() for m in ch] for ch in self.group_chains],
+            "stages": copy.deepcopy(self.stages),
+            "trunk": self.trunk.state_dict(),
+            "heads": self.heads.state_dict() if self.heads is not None else None,
+            "space": None if self.done else self.space.state_dict(),
+            "weight_optimizer": None if self.done else self.weight_optimizer.state_dict(),
+            "alpha_optimizer": None if self.done else self.alpha_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a search built with the same modules, ``T`` and options."""
+        K = self.num_modules
+        self.trunk.load_state_dict(state["trunk"])
+        if self.heads is not None:
+            self.heads.load_state_dict(state["heads"])
+        self.branches = [Branch(tuple(ts), int(b)) for ts, b in state["branches"]]
+        self.group_chains = []
+        for br, sds in zip(self.branches, state["group_chains"]):
+            chain = [copy.deepcopy(self.trunk[k - 1]) for k in range(br.branch_point, K + 1)]
+            if len(chain) != len(sds):
+                raise ValueError(f"state has {len(sds)} modules for branch {br.tasks}, expected {len(chain)}")
+            for m, sd in zip(chain, sds):
+                m.load_state_dict(sd)
+            self.group_chains.append(chain)
+        self.stages = copy.deepcopy(state["stages"])
+        self.stage = int(state["stage"])
+        self._remaining = list(state["remaining"])
+        self._own = {t: [] for t in self._remaining}
+        if self._remaining:
+            self._build_stage()
+            self.space.load_state_dict(state["space"])
+            self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+            self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
 
     # Result --------------------------------------------------------------------------------------
     def result(self) -> ProResult:

@@ -20,7 +20,7 @@ from ..optimizer import MultiTaskOptimizer
 from .derive import BranchedNetwork
 from .space import reinitialize
 
-__all__ = ["retrain_optimizer", "reinitialize"]
+__all__ = ["reinitialize", "retrain_optimizer"]
 
 
 def retrain_optimizer(

@@ -16,12 +16,15 @@ per forward.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SearchSpace", "reinitialize", "count_parameters"]
+__all__ = ["SearchSpace", "count_parameters", "reinitialize"]
+
+log = logging.getLogger(__name__)
 
 
 def reinitialize(module: nn.Module) -> nn.Module:
@@ -39,14 +42,12 @@ def reinitialize(module: nn.Module) -> nn.Module:
         >>> bool((lin.weight != before).any())
         True
     """
-    import logging
-
     for m in module.modules():
         fn = getattr(m, "reset_parameters", None)
         if callable(fn):
             fn()
         elif any(True for _ in m.parameters(recurse=False)):
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "%s holds parameters but has no reset_parameters(); kept as is", type(m).__name__
             )
     return module
