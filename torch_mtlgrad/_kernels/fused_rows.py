@@ -1,0 +1,383 @@
+"""Fused construction of rows of the task Jacobian on CUDA (Triton), with a PyTorch fallback.
+
+One kernel launch fills a row of ``J`` (or a block of rows, for the batched capture modes) from
+the per-parameter gradient tensors, and in the same pass over the data:
+
+* casts each gradient (float16, bfloat16, float32 or float64) to the row's dtype;
+* counts the NaN/Inf values of each parameter's gradient (as written into the row), on the
+  device, without synchronising;
+* computes each parameter's squared norm (per-task and per-module norms follow by a tiny
+  reduction, :func:`~torch_mtlgrad._kernels.reference.segment_sq_norms`).
+
+Without the fusion these are four passes over ``J``: the copy, a cast, ``isfinite`` and the
+norms.  :func:`fill_row_fused` / :func:`fill_rows_fused` choose the Triton kernel for CUDA
+tensors when Triton is importable (and ``TORCH_MTLGRAD_TRITON`` is not ``0``), else the
+pure-PyTorch twin of :mod:`torch_mtlgrad._kernels.reference`, which computes the same numbers
+(to the rounding of the sums) on any device.
+
+How the kernel is laid out:
+
+* Every parameter is cut into tiles of ``CHUNK`` elements (a parameter has at least one tile);
+  program ``(tile, r)`` copies one tile of row ``r``.  The tile -> parameter table and the
+  parameters' sizes and column offsets are computed once per layout and source-dtype pattern
+  and kept on the device.
+* The gradients' addresses change from step to step, so they travel in a small int64 table
+  (one entry per parameter) copied host -> device from pinned memory without blocking.  The
+  tables of the last few address patterns are cached: the caching allocator hands the same
+  addresses back step after step, so in steady state no copy is made at all.
+* Each program writes its tile's partial sum of squares and non-finite count; the last program
+  to finish a parameter (an atomic per-parameter ticket, reset by that program) adds the
+  partials in a fixed order, so the norms are the same from run to run (no float atomics).
+* Parameters whose source address, size and column offset allow 16-byte accesses take a
+  vectorised path; the others a scalar one (a runtime branch per program, same kernel).
+
+Gradients of several dtypes are handled with one launch per dtype.  ``None`` gradients write
+zeros.  Non-contiguous gradients are made contiguous first (one extra copy).  Everything runs
+on the current stream; the kernel never synchronises with the host.  During CUDA-graph capture
+a gradient address pattern that has not been seen before falls back to the twin (the table
+copy cannot be captured safely); patterns seen before (static gradient buffers) use the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .reference import (RowStats, acc_dtype, check_inputs, check_out, fill_row_reference,
+                        fill_rows_reference)
+
+__all__ = ["fill_row_fused", "fill_rows_fused", "triton_available", "backend_for", "KernelConfig",
+           "DEFAULT_CONFIG"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape of the kernel.
+
+    Args:
+        chunk: elements per program (a multiple of ``block``).
+        block: elements per inner iteration (a power of two).
+        num_warps: warps per program.
+        fused_reduce: the last program of each parameter adds the partials (one launch);
+            ``False`` runs a second small kernel for that instead.
+
+    Example:
+        >>> KernelConfig().chunk % KernelConfig().block
+        0
+    """
+
+    chunk: int = 16384
+    block: int = 2048
+    num_warps: int = 8
+    fused_reduce: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {self.block}")
+        if self.chunk < self.block or self.chunk % self.block:
+            raise ValueError(f"chunk must be a positive multiple of block={self.block}, got {self.chunk}")
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
+_TRITON: Any = None  # the module once imported, False if it cannot be
+
+
+def triton_available() -> bool:
+    """Whether the Triton path can be used (Triton importable, CUDA present, not disabled by
+    ``TORCH_MTLGRAD_TRITON=0``)."""
+    global _TRITON
+    if os.environ.get("TORCH_MTLGRAD_TRITON", "1") == "0":
+        return False
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = triton
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON = False
+    return bool(_TRITON) and torch.cuda.is_available()
+
+
+def backend_for(rows: Tensor, grads: Sequence[Tensor | None]) -> str:
+    """``"triton"`` or ``"reference"``: which path :func:`fill_row_fused` takes for these inputs."""
+    if not rows.is_cuda or not triton_available():
+        return "reference"
+    if rows.dtype not in _DTYPES:
+        return "reference"
+    for g in grads:
+        if g is not None and (g.dtype not in _DTYPES or g.device != rows.device):
+            return "reference"
+    return "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels (built on first use)
+# --------------------------------------------------------------------------------------------
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernels() -> dict[str, Any]:
+    if _KERNELS:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    from . import _triton_fill
+
+    _KERNELS.update(fill=_triton_fill.fill_rows_kernel, reduce=_triton_fill.reduce_kernel, tl=tl,
+                    triton=triton)
+    return _KERNELS
+
+
+def _tl_dtype(dtype: torch.dtype) -> Any:
+    tl = _kernels()["tl"]
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layout plans
+# --------------------------------------------------------------------------------------------
+_TABLE_CACHE = 8  # address patterns kept per group
+
+
+@dataclass
+class _Group:
+    """The parameters of one source dtype, their tiles and device tables."""
+
+    members: list[int]  # layout indices
+    src_dtype: torch.dtype
+    n_tiles: int
+    maxt: int
+    meta: Tensor  # [4, Pg + 1] int64 on the device
+    tile_param: Tensor  # [n_tiles] int32
+    static_vec: list[bool]  # size and offset allow 16-byte access
+    tables: OrderedDict = field(default_factory=OrderedDict)  # addresses -> [2, Pg] int64
+    keepalive: list = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)  # (R, acc dtype) -> (partial, partial_bad, tickets)
+
+
+@dataclass
+class _Plan:
+    groups: list[_Group]
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(layout: Any, device: torch.device, src_dtypes: tuple, cfg: KernelConfig) -> _Plan:
+    per_layout = _PLANS.get(layout)
+    if per_layout is None:
+        per_layout = _PLANS[layout] = {}
+    key = (device, src_dtypes, cfg.chunk)
+    plan = per_layout.get(key)
+    if plan is not None:
+        return plan
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, dt in enumerate(src_dtypes):
+        by_dtype.setdefault(dt, []).append(i)
+    groups = []
+    for dt, members in by_dtype.items():
+        numels = [layout.numels[i] for i in members]
+        offs = [layout.offsets[i] for i in members]
+        tiles = [max(1, -(-n // cfg.chunk)) for n in numels]
+        first = [0]
+        for t in tiles:
+            first.append(first[-1] + t)
+        meta = torch.tensor([numels + [0], offs + [0], members + [0], first], dtype=torch.int64)
+        tile_param = torch.repeat_interleave(torch.arange(len(members), dtype=torch.int32),
+                                             torch.tensor(tiles))
+        maxt = 64  # at least 64, so that few variants get compiled
+        while maxt < max(tiles):
+            maxt *= 2
+        groups.append(_Group(
+            members=members, src_dtype=dt, n_tiles=first[-1], maxt=maxt,
+            meta=meta.to(device), tile_param=tile_param.to(device),
+            static_vec=[n % 8 == 0 and o % 8 == 0 for n, o in zip(numels, offs)],
+        ))
+    plan = per_layout[key] = _Plan(groups)
+    return plan
+
+
+def _address_table(group: _Group, srcs: list[Tensor | None], device: torch.device) -> Tensor | None:
+    """``[2, Pg]`` int64 device table of source addresses and vector flags (cached by address)."""
+    ptrs = tuple(0 if g is None else g.data_ptr() for g in srcs)
+    tab = group.tables.get(ptrs)
+    if tab is not None:
+        group.tables.move_to_end(ptrs)
+        return tab
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        return None  # a host -> device copy inside a capture: use the twin instead
+    flags = [int(v and p % 16 == 0) for v, p in zip(group.static_vec, ptrs)]
+    host = torch.tensor([list(ptrs), flags], dtype=torch.int64, pin_memory=device.type == "cuda")
+    tab = host.to(device, non_blocking=True)
+    group.tables[ptrs] = tab
+    if len(group.tables) > _TABLE_CACHE:
+        group.tables.popitem(last=False)
+    return tab
+
+
+def _scratch(group: _Group, R: int, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    key = (acc,)
+    have = group.scratch.get(key)
+    if have is None or have[0].shape[0] < R:
+        Pg = len(group.members)
+        have = (torch.empty(R, group.n_tiles, dtype=acc, device=device),
+                torch.empty(R, group.n_tiles, dtype=torch.int32, device=device),
+                torch.zeros(R, Pg, dtype=torch.int32, device=device))
+        group.scratch[key] = have
+    return have
+
+
+def _launch(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], out: RowStats,
+            cfg: KernelConfig) -> bool:
+    """Fill ``rows`` ([R, D] view) with the kernel; False if it must fall back (capture)."""
+    k = _kernels()
+    R = rows.shape[0]
+    device = rows.device
+    srcs: list[Tensor | None] = []
+    for g in grads:
+        if g is not None and not g.is_contiguous():
+            g = g.contiguous()
+        srcs.append(g)
+    default = rows.dtype if rows.dtype in _DTYPES else torch.float32
+    src_dtypes = tuple(default if g is None else g.dtype for g in srcs)
+    plan = _plan(layout, device, src_dtypes, cfg)
+    tables = []
+    for grp in plan.groups:
+        tab = _address_table(grp, [srcs[i] for i in grp.members], device)
+        if tab is None:
+            return False
+        tables.append(tab)
+    acc = acc_dtype(rows.dtype)
+    row_vec = int(rows.data_ptr() % 16 == 0 and (R == 1 or rows.stride(0) % 8 == 0))
+    sq, bad = out.sq_norms, out.nonfinite
+    assert sq is not None and bad is not None
+    for grp, tab in zip(plan.groups, tables):
+        partial, partial_bad, tickets = _scratch(grp, R, acc, device)
+        Pg = len(grp.members)
+        k["fill"][(grp.n_tiles, R)](
+            tab, grp.meta, grp.tile_param, rows, rows.stride(0), row_vec,
+            partial, partial_bad, tickets, sq, sq.stride(0), bad, bad.stride(0), grp.n_tiles, Pg,
+            ACC=_tl_dtype(acc), SRC=_tl_dtype(grp.src_dtype), CHUNK=cfg.chunk, BLOCK=cfg.block,
+            MAXT=grp.maxt, FUSED=cfg.fused_reduce, num_warps=cfg.num_warps,
+            VIA_F32=grp.src_dtype == torch.float64 and rows.dtype in (torch.float16, torch.bfloat16),
+        )
+        if not cfg.fused_reduce:
+            k["reduce"][(Pg, R)](grp.meta, partial, partial_bad, sq, sq.stride(0), bad, bad.stride(0),
+                                 grp.n_tiles, Pg, MAXT=grp.maxt, num_warps=4)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatchers
+# --------------------------------------------------------------------------------------------
+def _out_for(layout: Any, rows: Tensor, out: RowStats | None, block: bool) -> tuple[RowStats, RowStats | None]:
+    """Kernel-side [R, P] buffers (always both statistics), and what to copy them into."""
+    P = len(layout.params)
+    acc = acc_dtype(rows.dtype)
+    R = rows.shape[0] if block else 1
+    check_out(layout, rows, out, block)
+    direct = out is not None and out.sq_norms is not None and out.nonfinite is not None
+    if direct:
+        assert out is not None and out.sq_norms is not None and out.nonfinite is not None
+        sq, bad = out.sq_norms, out.nonfinite
+        kern = RowStats(sq.view(R, P), bad.view(R, P))
+        return kern, None
+    kern = RowStats(torch.empty(R, P, dtype=acc, device=rows.device),
+                    torch.empty(R, P, dtype=torch.int32, device=rows.device))
+    return kern, out
+
+
+def _fill(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], out: RowStats | None,
+          norms: bool, check: bool, block: bool, config: KernelConfig | None) -> RowStats:
+    check_inputs(layout, rows, grads, block=block)
+    ref = fill_rows_reference if block else fill_row_reference
+    if backend_for(rows, grads) == "reference":
+        return ref(layout, rows, grads, out=out, norms=norms, check=check)
+    cfg = config or DEFAULT_CONFIG
+    kern, copy_into = _out_for(layout, rows, out, block)
+    rows2 = rows if block else rows.unsqueeze(0)
+    if not _launch(layout, rows2, grads, kern, cfg):
+        log.debug("fused row fill: new gradient addresses during graph capture, using the twin")
+        return ref(layout, rows, grads, out=out, norms=norms, check=check)
+    sq, bad = kern
+    if not block:
+        sq, bad = sq[0], bad[0]
+    if copy_into is not None:
+        if copy_into.sq_norms is not None:
+            copy_into.sq_norms.copy_(sq)
+            sq = copy_into.sq_norms
+        if copy_into.nonfinite is not None:
+            copy_into.nonfinite.copy_(bad)
+            bad = copy_into.nonfinite
+    return RowStats(sq if norms else None, bad if check else None)
+
+
+def fill_row_fused(layout: Any, row: Tensor, grads: Sequence[Tensor | None], *,
+                   out: RowStats | None = None, norms: bool = True, check: bool = True,
+                   config: KernelConfig | None = None) -> RowStats:
+    """Fill one row of ``J`` from per-parameter gradients, with its statistics, in one pass.
+
+    ``row[offset_i : offset_i + numel_i] <- grads[i]`` flattened and cast to ``row.dtype``
+    (``None`` -> zeros), and per parameter ``i`` the squared norm and the NaN/Inf count of what
+    was written.  On CUDA with Triton: one kernel launch per source dtype (one in the usual
+    case), no host synchronisation.  Elsewhere: :func:`~.reference.fill_row_reference`.
+
+    Args:
+        layout: the :class:`~torch_mtlgrad.FlatLayout` of the shared parameters.
+        row: ``[D]`` destination with unit stride (e.g. ``J[t]``).
+        grads: one tensor shaped like each shared parameter, or ``None``.
+        out: optional :meth:`RowStats.empty` buffers (``[P]``) to write the statistics into.
+        norms, check: whether the squared norms / the counts are wanted (the kernel computes
+            both anyway; the fallback skips what is not asked, each being a pass over the row).
+        config: launch shape (tests and benchmarks); default :data:`DEFAULT_CONFIG`.
+
+    Returns:
+        :class:`RowStats` of ``[P]`` tensors: ``sq_norms`` (float32, float64 for a float64 row)
+        and ``nonfinite`` (int32); ``None`` for a statistic not asked for.
+
+    Example:
+        >>> from torch_mtlgrad import FlatLayout
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> layout = FlatLayout(list(lin.parameters()))
+        >>> row = torch.empty(3)
+        >>> st = fill_row_fused(layout, row, [torch.tensor([[3.0, float("nan")]]), torch.ones(1)])
+        >>> row[[0, 2]], st.nonfinite.tolist()
+        (tensor([3., 1.]), [1, 0])
+    """
+    return _fill(layout, row, grads, out, norms, check, False, config)
+
+
+def fill_rows_fused(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], *,
+                    out: RowStats | None = None, norms: bool = True, check: bool = True,
+                    config: KernelConfig | None = None) -> RowStats:
+    """Fill a block of rows ``[R, D]`` of ``J`` from batched per-parameter gradients
+    (``[R, *shape]`` each, or ``None``), with ``[R, P]`` statistics; one launch per source dtype
+    on CUDA.  See :func:`fill_row_fused`.
+
+    Example:
+        >>> from torch_mtlgrad import FlatLayout
+        >>> layout = FlatLayout([torch.nn.Parameter(torch.zeros(2))])
+        >>> J = torch.empty(2, 2)
+        >>> fill_rows_fused(layout, J, [torch.tensor([[3.0, 4.0], [0.0, 1.0]])]).sq_norms.tolist()
+        [[25.0], [1.0]]
+    """
+    return _fill(layout, rows, grads, out, norms, check, True, config)
