@@ -29,13 +29,41 @@ from .capture import capture_batched, capture_feature, capture_loop, encoder_vjp
 from .diagnostics import step_diagnostics
 from .plugins import plugin_state
 
-__all__ = ["MultiTaskOptimizer"]
+__all__ = ["MultiTaskOptimizer", "NonFiniteError"]
 
 log = logging.getLogger(__name__)
 
 _STATE_KEY = "mtlgrad"
 _CAPTURES = ("auto", "loop", "batched", "feature", "representation")
 _NONFINITE = ("raise", "skip", "unchecked")
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A NaN/Inf loss or task gradient under ``nonfinite="raise"`` (names the task)."""
+
+
+def _check_checkpoint(mine: Any) -> None:
+    """Types of the ``"mtlgrad"`` entry of a state dict (clear errors for malformed files)."""
+    if not isinstance(mine, dict):
+        raise TypeError(f"checkpoint's {_STATE_KEY!r} entry must be a dict, got {type(mine).__name__}")
+    missing = {"num_tasks", "shared_shapes", "aggregator_type", "aggregator", "plugins"} - set(mine)
+    if missing:
+        raise ValueError(f"checkpoint's {_STATE_KEY!r} entry lacks {sorted(missing)}")
+    n = mine["num_tasks"]
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"checkpoint's num_tasks must be a positive int or None, got {n!r}")
+    shapes = mine["shared_shapes"]
+    if not (isinstance(shapes, (list, tuple)) and all(
+            isinstance(s, (list, tuple, torch.Size)) and all(isinstance(v, int) and v >= 0 for v in s)
+            for s in shapes)):
+        raise TypeError("checkpoint's shared_shapes must be a list of shapes (lists of ints)")
+    if not isinstance(mine["aggregator_type"], str) or not isinstance(mine["aggregator"], dict):
+        raise TypeError("checkpoint's aggregator_type must be a str and aggregator a dict")
+    if not (isinstance(mine["plugins"], (list, tuple)) and all(isinstance(p, dict) for p in mine["plugins"])):
+        raise TypeError("checkpoint's plugins must be a list of dicts")
+    k = mine.get("skipped_steps", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"checkpoint's skipped_steps must be an int >= 0, got {k!r}")
 
 
 def _resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
@@ -95,8 +123,16 @@ class MultiTaskOptimizer(Optimizer):
             nothing), counted in ``skipped_steps`` and logged.  Either way parameters, optimizer
             state and aggregator state are left untouched.  Both synchronise with the device to
             look.  ``"unchecked"``: no check at all (no synchronisation; non-finite values
-            propagate as they would with plain ``backward()``); use with ``GradScaler`` or when a
-            step must stay on the device.
+            propagate as they would with plain ``backward()``); for when a step must stay on the
+            device.
+        scaler: a ``torch.amp.GradScaler``.  ``backward(losses)`` then takes the *unscaled*
+            losses and scales them itself (a legacy loop runs ``scaler.scale(loss_t).backward()``
+            with ``loss=loss_t``); plugins and the aggregator see the unscaled ``J`` and losses
+            (``J / S`` is exact: ``S`` is a power of two), the direction is written times ``S``
+            for ``scaler.step`` to unscale.  A NaN/Inf (an overflow) writes NaN into the shared
+            ``.grad`` instead of applying ``nonfinite``, so ``scaler.step`` skips the step and
+            ``scaler.update`` lowers the scale as without this wrapper; aggregator and plugins are
+            not called that step.  Costs one host synchronisation per step for the check.
         diagnostics: compute per-step diagnostics (task weights, gradient norms, pairwise cosines,
             each gradient's angle to the direction, and the aggregator's own, e.g. ``c`` and
             ``delta`` for tensioners) into :attr:`diagnostics`.  Costs one more ``J J^T``.
@@ -117,6 +153,8 @@ class MultiTaskOptimizer(Optimizer):
         ['angle', 'angle_base', 'c']
     """
 
+    scaler: Any = None  # torch.amp.GradScaler, see the constructor
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -130,6 +168,7 @@ class MultiTaskOptimizer(Optimizer):
         chunk_size: int | None = None,
         nonfinite: str = "raise",
         diagnostics: bool = True,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -143,6 +182,9 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
             raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        if scaler is not None and not (callable(getattr(scaler, "scale", None))
+                                       and callable(getattr(scaler, "is_enabled", None))):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         params, names = _resolve_shared(shared)
         layout = FlatLayout(params, names)  # validates: non-empty, no duplicates, one device
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -173,6 +215,7 @@ class MultiTaskOptimizer(Optimizer):
         self._batched_failed = False
         self._batched_proven = False
         self.nonfinite = nonfinite
+        self.scaler = scaler
         self.compute_diagnostics = diagnostics
         self.diagnostics: dict[str, Tensor] = {}
         self.skipped_steps = 0
@@ -267,6 +310,8 @@ class MultiTaskOptimizer(Optimizer):
                     f"{tuple(losses.shape)}"
                 )
             losses = list(losses.unbind())
+        elif isinstance(losses, dict):
+            raise TypeError("losses is a dict: pass a list of scalar tensors in task order")
         elif isinstance(losses, (str, bytes)) or not isinstance(losses, Iterable):
             raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}")
         losses = list(losses)
@@ -274,8 +319,16 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError("losses is empty: pass one scalar loss per task")
         for t, loss in enumerate(losses):
             self._check_loss(t, loss)
+        self._check_loss_devices(losses)
         self._check_count(len(losses))
         return losses
+
+    @staticmethod
+    def _check_loss_devices(losses: list[Tensor]) -> None:
+        devices = [loss.device for loss in losses]
+        if len(set(devices)) > 1:
+            where = ", ".join(f"task {t}: {d}" for t, d in enumerate(devices))
+            raise ValueError(f"the losses are on several devices ({where}); all must be on one device")
 
     @staticmethod
     def _check_loss(t: int, loss: Any) -> None:
@@ -283,13 +336,16 @@ class MultiTaskOptimizer(Optimizer):
             raise TypeError(f"loss of task {t} is a {type(loss).__name__}, not a tensor")
         if loss.numel() != 1:
             raise ValueError(f"loss of task {t} is not a scalar: shape {tuple(loss.shape)}")
+        if not loss.is_floating_point():
+            raise TypeError(f"loss of task {t} has dtype {loss.dtype}: a loss must be a real "
+                            "floating-point tensor")
         if not loss.requires_grad:
             raise ValueError(f"loss of task {t} does not require grad (was it detached?)")
 
     def _nonfinite(self, message: str) -> bool:
         """Apply the non-finite policy; returns True when the step is to be skipped."""
         if self.nonfinite == "raise":
-            raise FloatingPointError(message + " (pass nonfinite='skip' to skip such steps)")
+            raise NonFiniteError(message + " (pass nonfinite='skip' to skip such steps)")
         self.skipped_steps += 1
         self._skip = True
         log.warning("skipping step: %s (%d skipped so far)", message, self.skipped_steps)
@@ -322,10 +378,16 @@ class MultiTaskOptimizer(Optimizer):
             raise RuntimeError("backward() called while a legacy task() capture is pending")
         mode = self._mode(features)
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
-        if self.nonfinite != "unchecked" and not bool(torch.isfinite(values).all()):
+        # Checked before capture (the graph survives an error) unless ranks must first agree on
+        # them (a plugin's synchronize) or GradScaler must see the overflow: then in _finish.
+        scaling = self.scaler is not None and self.scaler.is_enabled()
+        early = not scaling and not any(callable(getattr(p, "synchronize", None)) for p in self.plugins)
+        if early and self.nonfinite != "unchecked" and not bool(torch.isfinite(values).all()):
             t = int((~torch.isfinite(values)).nonzero()[0])
             self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
             return
+        if scaling:
+            losses = [self.scaler.scale(loss) for loss in losses]
         specific = self._specific_params()
         prior = [p.grad for p in self.layout.params]
         if mode == "representation":
@@ -339,11 +401,12 @@ class MultiTaskOptimizer(Optimizer):
                 return d
 
             self._finish(Z, values, prior, lambda: self._write_specific(specific, acc), lift=lift,
-                         what="the shared features")
+                         what="the shared features", grads=acc, params=specific)
             return
         J = self._buffer(len(losses))
         acc = self._capture(mode, losses, features, specific, J, retain_graph)
-        self._finish(J, values, prior, lambda: self._write_specific(specific, acc))
+        self._finish(J, values, prior, lambda: self._write_specific(specific, acc), grads=acc,
+                     params=specific)
 
     def _mode(self, features: Tensor | None) -> str:
         mode = self.capture
@@ -499,14 +562,16 @@ class MultiTaskOptimizer(Optimizer):
         if checked:
             self._warn_zero_rows(J)
         values = torch.stack([losses[t] for t in range(T)]).to(J.dtype) if losses else None
-        if checked and values is not None and not bool(torch.isfinite(values).all()):
-            t = int((~torch.isfinite(values)).nonzero()[0])
-            self._restore(stash)
-            self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
-            return
         assert stash is not None
+        specific = self._specific_params()
+        grads = [p.grad for p in specific]
+
+        def write_specific() -> None:
+            for p, g in zip(specific, grads):
+                p.grad = g
+
         try:
-            done = self._finish(J, values, stash, None)
+            done = self._finish(J, values, stash, write_specific, grads=grads, params=specific)
         except Exception:
             self._restore(stash)
             raise
@@ -521,24 +586,37 @@ class MultiTaskOptimizer(Optimizer):
     # -- Aggregate and write back ----------------------------------------------------------------
     def _finish(self, J: Tensor, values: Tensor | None, prior: list[Tensor | None],
                 write_specific: Callable[[], None] | None,
-                lift: Callable[[Tensor], Tensor] | None = None, what: str = "") -> bool:
-        """Check, transform, aggregate, write.  Returns False when the step is skipped.
+                lift: Callable[[Tensor], Tensor] | None = None, what: str = "",
+                grads: list[Tensor | None] | None = None, params: list[Tensor] | None = None) -> bool:
+        """Synchronise, check, transform, aggregate, write.  Returns False when the step is skipped.
 
         ``lift`` maps the aggregated direction to the shared parameters (representation mode,
         where ``J`` holds the gradients with respect to the features, described by ``what``).
+        ``grads``: this step's task-specific gradients (of ``params``), for plugins'
+        ``synchronize``, which may replace entries (``write_specific`` writes the list).
         """
         T = J.shape[0]
-        if self.nonfinite != "unchecked":
-            finite = torch.isfinite(J).all(dim=1)
-            if not bool(finite.all()):
-                t = int((~finite).nonzero()[0])
-                if lift is not None:
-                    where = what
-                else:
-                    where = "shared parameter " + repr(next(
-                        self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
-                        if not bool(torch.isfinite(v).all())))
-                self._nonfinite(f"task {t} has a non-finite gradient in {where}")
+        if values is not None:
+            values = values.to(J.dtype)
+        self._synchronize(J, values, grads if grads is not None else [], params or [])
+        scale = None
+        if self.scaler is not None and self.scaler.is_enabled():
+            scale = self.scaler.scale(torch.ones((), dtype=J.dtype, device=J.device))
+            J.div_(scale)
+        if self.nonfinite != "unchecked" or scale is not None:
+            bad = self._find_nonfinite(J, values, grads, params, lift, what)
+            if bad is not None and scale is not None:
+                # An overflow under GradScaler: NaN in .grad makes scaler.step() skip the step and
+                # scaler.update() lower the scale, as without us.  Aggregator and plugins untouched.
+                log.info("GradScaler overflow: %s; the shared .grad is NaN, scaler.step() skips", bad)
+                nan = torch.full((self.layout.numel,), float("nan"), dtype=J.dtype, device=J.device)
+                self._write_shared(nan, prior)
+                if write_specific is not None:
+                    write_specific()
+                self._skip = False
+                return True
+            if bad is not None:
+                self._nonfinite(bad)
                 return False
         if self.aggregator.needs_losses and values is None:
             raise ValueError(
@@ -551,6 +629,8 @@ class MultiTaskOptimizer(Optimizer):
             Jw = plugin.transform(Jw, lw)
         d = self.aggregator(Jw, lw)
         d_params = lift(d) if lift is not None else d
+        if scale is not None:
+            d_params = d_params * scale
         # Everything is checked and computed: only now is anything written.
         if self.num_tasks is None:
             self.num_tasks = T
@@ -563,6 +643,42 @@ class MultiTaskOptimizer(Optimizer):
             diag.update(self.aggregator.diagnostics)
             self.diagnostics = {k: v.detach() for k, v in diag.items()}
         return True
+
+    def _find_nonfinite(self, J: Tensor, values: Tensor | None, grads: list[Tensor | None] | None,
+                        params: list[Tensor] | None, lift: Any, what: str) -> str | None:
+        """The first NaN/Inf among the loss values, the rows of ``J`` and the task-specific
+        gradients, described for the error; ``None`` when all are finite (one host sync)."""
+        present = [(i, g) for i, g in enumerate(grads or ()) if g is not None]
+        ok = [torch.isfinite(J).all()]
+        if values is not None:
+            ok.append(torch.isfinite(values).all())
+        ok += [torch.isfinite(g).all() for _, g in present]
+        if bool(torch.stack([o.to(J.device) for o in ok]).all()):
+            return None
+        if values is not None and not bool(torch.isfinite(values).all()):
+            t = int((~torch.isfinite(values)).nonzero()[0])
+            return f"loss of task {t} is not finite ({float(values[t])})"
+        finite = torch.isfinite(J).all(dim=1)
+        if not bool(finite.all()):
+            t = int((~finite).nonzero()[0])
+            if lift is not None:
+                return f"task {t} has a non-finite gradient in {what}"
+            bad = next(self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
+                       if not bool(torch.isfinite(v).all()))
+            return f"task {t} has a non-finite gradient in shared parameter {bad!r}"
+        i = next(i for i, g in present if not bool(torch.isfinite(g).all()))
+        shape = tuple(params[i].shape) if params else ()
+        return (f"the summed task gradient of task-specific parameter {i} (shape {shape}) is not "
+                "finite")
+
+    def _synchronize(self, J: Tensor, values: Tensor | None, grads: list[Tensor | None],
+                     params: list[Tensor]) -> None:
+        """Plugins' collectives (``synchronize``, e.g. ``distributed.JacobianAllReduce``), in
+        place, before any check: a NaN on one rank then reaches all, and all decide alike."""
+        for plugin in self.plugins:
+            sync = getattr(plugin, "synchronize", None)
+            if callable(sync):
+                sync(J, values, grads, params)
 
     def _write_shared(self, d: Tensor, prior: list[Tensor | None]) -> None:
         """Write ``d`` into the shared ``.grad`` as views of one flat buffer (added to what
@@ -626,9 +742,12 @@ class MultiTaskOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load what :meth:`state_dict` returned; a checkpoint made with another number of tasks,
         other shared parameters or another aggregator is an error (nothing is loaded then)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         sd = dict(state_dict)
         mine = sd.pop(_STATE_KEY, None)
         if mine is not None:
+            _check_checkpoint(mine)
             shapes = [tuple(s) for s in mine["shared_shapes"]]
             if shapes != [tuple(s) for s in self.layout.shapes]:
                 raise ValueError(
@@ -645,13 +764,29 @@ class MultiTaskOptimizer(Optimizer):
             if len(mine["plugins"]) != len(self.plugins):
                 raise ValueError(f"checkpoint has {len(mine['plugins'])} plugins, this optimizer has "
                                  f"{len(self.plugins)}")
-        self.optimizer.load_state_dict(sd)
-        if mine is not None:
-            self.aggregator.load_state_dict(mine["aggregator"])
-            for plugin, st in zip(self.plugins, mine["plugins"]):
+        # All or nothing: a part that fails to load rolls the others back.
+        backup = (self.optimizer.state_dict(), self.aggregator.state_dict(),
+                  [plugin_state(p) for p in self.plugins], self.num_tasks, self.skipped_steps)
+        try:
+            self.optimizer.load_state_dict(sd)
+            if mine is not None:
+                self.aggregator.load_state_dict(mine["aggregator"])
+                for plugin, st in zip(self.plugins, mine["plugins"]):
+                    load = getattr(plugin, "load_state_dict", None)
+                    if callable(load):
+                        load(st)
+                if mine["num_tasks"] is not None:
+                    self.num_tasks = mine["num_tasks"]
+                self.skipped_steps = int(mine.get("skipped_steps", 0))
+        except Exception as err:
+            self.optimizer.load_state_dict(backup[0])
+            self.aggregator.load_state_dict(backup[1])
+            for plugin, st in zip(self.plugins, backup[2]):
                 load = getattr(plugin, "load_state_dict", None)
                 if callable(load):
                     load(st)
-            if mine["num_tasks"] is not None:
-                self.num_tasks = mine["num_tasks"]
-            self.skipped_steps = int(mine.get("skipped_steps", 0))
+            self.num_tasks, self.skipped_steps = backup[3], backup[4]
+            if isinstance(err, (ValueError, TypeError)):
+                raise
+            raise ValueError(f"malformed checkpoint ({type(err).__name__}: {err}); nothing was "
+                             "loaded") from err
