@@ -260,3 +260,16 @@ def test_aggregator_input_checks() -> None:
     d = Central()(J)
     assert d.dtype == torch.bfloat16
     assert torch.allclose(d.float(), Central()(J.float()).to(torch.bfloat16).float())
+
+
+def test_tension_rejects_corrupt_state() -> None:
+    agg = Tensioned(Central(), window=2)
+    good = torch.ones(3, 2)
+    for bad, msg in [({"history": torch.full((3, 2), float("nan")), "count": 3}, "non-finite"),
+                     ({"history": -good, "count": 3}, "negative"),
+                     ({"history": good, "count": -1}, "non-negative integer"),
+                     ({"history": torch.ones(4, 2), "count": 3}, "shape"),
+                     ({"history": [1, 2], "count": 3}, "must be a tensor")]:
+        with pytest.raises(ValueError, match=msg):
+            agg.load_state_dict(bad)
+        assert agg.history is None and agg.count == 0

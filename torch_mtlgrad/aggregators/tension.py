@@ -252,14 +252,20 @@ class Tensioned(Aggregator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         hist = state.get("history")
-        if hist is not None and (hist.dim() != 2 or hist.shape[0] != self.window + 1):
+        if hist is not None and (not isinstance(hist, Tensor) or hist.dim() != 2
+                                 or hist.shape[0] != self.window + 1):
             raise ValueError(
-                f"tensioner history has shape {tuple(hist.shape)}, expected [{self.window + 1}, T] "
-                f"for window={self.window}"
+                f"tensioner history must be a tensor of shape [{self.window + 1}, T] for "
+                f"window={self.window}, got {getattr(hist, 'shape', type(hist).__name__)}"
             )
+        if hist is not None and not bool(((hist >= 0) & torch.isfinite(hist)).all()):
+            raise ValueError("tensioner history holds negative or non-finite gradient norms")
+        count = state.get("count", 0)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"tensioner count must be a non-negative integer, got {count!r}")
         self.base.load_state_dict(state.get("base", {}))
         self.history = None if hist is None else hist.clone()
-        self.count = int(state.get("count", 0))
+        self.count = count
 
     def reset(self) -> None:
         self.history = None
