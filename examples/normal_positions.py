@@ -18,8 +18,14 @@ NORMAL lets each task read the flow at its own depth.  The script prints the tes
 each model, NORMAL's positions, the distance matrix ``|p_i - p_j|`` and the two groups cut from
 it, and saves the positions over training (the paper's Fig. 2) with the distance matrix to a PNG.
 
-Run:  python examples/normal_positions.py [--epochs 300] [--out normal_positions.png]
+Run:  python examples/normal_positions.py [--epochs 300] [--seed 0] [--out normal_positions.png]
 (the plot needs matplotlib: ``pip install matplotlib``; ``--no-plot`` skips it)
+
+How cleanly the families separate depends on the seed: with the default seed all eight tasks
+fall into their family's group; over seeds 0-4 NORMAL had the best mean accuracy in 4 of 5 and
+the within-family distances were always smaller than the across-family ones, but in some seeds a
+linear task settles next to the radial ones (a deep representation holding the radius and one
+direction serves it too).  See ``benchmarks/RESULTS.md`` for the numbers.
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ def train(kind: str, data, args) -> tuple[torch.Tensor, PositionUpdater | None, 
     T = ytr.shape[1]
     torch.manual_seed(args.seed)
     model = Model(kind, T, args.width, args.step_size)
-    updater = PositionUpdater(model.ode, lr=args.eta) if kind == "normal" else None
+    updater = (PositionUpdater(model.ode, lr=args.eta, max_move=args.max_move)
+               if kind == "normal" else None)
     base = torch.optim.Adam(parameters_except_positions(model), lr=args.lr)
     opt = MultiTaskOptimizer(base, shared=model.shared(), aggregator=args.aggregator,
                              plugins=[updater] if updater is not None else [])
@@ -130,6 +137,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2, help="encoder output width (bottleneck)")
     ap.add_argument("--lr", type=float, default=1e-2, help="Adam step size (mu)")
     ap.add_argument("--eta", type=float, default=0.5, help="positions' step size (eta)")
+    ap.add_argument("--max-move", type=float, default=None,
+                    help="clamp each position's move per step (PositionUpdater(max_move=...))")
     ap.add_argument("--step-size", type=float, default=0.1, help="Euler step size")
     ap.add_argument("--aggregator", default="mean")
     ap.add_argument("--seed", type=int, default=0)
@@ -163,12 +172,19 @@ def main() -> None:
     for row in distance_matrix(p).tolist():
         print("  " + " ".join(f"{v:5.2f}" for v in row))
     groups = group_positions(p, 2)
-    found = sorted(groups) == sorted(FAMILIES.values())
-    print(f"two groups cut from the positions: {groups} -> {'the two families' if found else 'mixed'}")
+    fams = list(FAMILIES.values())
+    agree = max(len(set(groups[0]) & set(fams[i])) + len(set(groups[1]) & set(fams[1 - i]))
+                for i in (0, 1))
+    found = agree == len(p)
+    print(f"two groups cut from the positions: {groups} -> "
+          f"{'the two families' if found else f'{agree}/{len(p)} tasks with their family'}")
     D = distance_matrix(p)
-    within = torch.stack([D[i, j] for ts in FAMILIES.values() for i in ts for j in ts if i < j]).mean()
-    across = D[FAMILIES["linear"]][:, FAMILIES["radial"]].mean()
+    within = torch.stack([D[i, j] for ts in fams for i in ts for j in ts if i < j]).mean()
+    across = D[fams[0]][:, fams[1]].mean()
     print(f"mean distance within families {within:.2f}, across families {across:.2f}")
+    acc = {k: 100 * v[0].mean().item() for k, v in results.items()}
+    print(f"SUMMARY seed={args.seed} hps={acc['hps']:.1f} fixed={acc['fixed']:.1f} "
+          f"normal={acc['normal']:.1f} grouped={agree}/{len(p)} within={within:.2f} across={across:.2f}")
 
     if not args.no_plot:
         try:
