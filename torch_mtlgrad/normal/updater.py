@@ -22,8 +22,8 @@ Schedules (``every``):
   the updater as a plugin; on parameter steps call ``opt.step()`` and ``updater.zero_grad()``,
   on position steps call ``loss.backward()`` and ``updater.step()`` without ``opt.step()``.
 
-After every update (and once at construction) the positions are appended to ``history`` (the
-curves of the paper's Fig. 2); ``state_dict()`` holds the positions, the step count, the
+After every ``post_step()`` and ``step()`` (and once at construction) the positions are appended
+to ``history`` (the curves of the paper's Fig. 2); ``state_dict()`` holds the positions, the step count, the
 schedule and the history.
 
 On a GPU, ``post_step()`` compares the positions with their last value (``check_untouched``), one
