@@ -83,7 +83,7 @@ def problems(draw: st.DrawFn) -> tuple[list[Holder], list[nn.Parameter], np.ndar
     return modules, params, J
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(problems())
 def test_transform_matches_brute_force(problem: tuple[list[Holder], list[nn.Parameter], np.ndarray]) -> None:
     modules, params, J = problem

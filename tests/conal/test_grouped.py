@@ -42,7 +42,7 @@ def _losses(outs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tens
     return [nn.functional.mse_loss(o, y) for o, y in zip(outs, ys)]
 
 
-def _retrain(net: BranchedNetwork, data: GroupedTasks, steps: int = 250) -> tuple[float, list[float]]:
+def _retrain(net: BranchedNetwork, data: GroupedTasks, steps: int = 200) -> tuple[float, list[float]]:
     """Train from scratch with mean aggregation; test MSE at the best validation loss, and the
     conflict ratio of every trunk module shared by two tasks (0 for a level without one)."""
     torch.manual_seed(1)

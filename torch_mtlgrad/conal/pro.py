@@ -8,20 +8,20 @@ still unassigned (``R``, all tasks at first) and two branch points, ``b = K + 2 
 * branch ``b - 1``: the trunk up to ``f_S^{b-2}`` and then the task's own modules ``b-1 .. K``.
 
 Each task of the stage has a 2-entry ``alpha`` and its encoder output is the softmax-weighted
-sum of the two branches (the CoNAL relaxation restricted to the stage).  Both the group chain
-and the own chains of a stage start as copies of the trunk modules at their levels, so neither
-branch starts ahead of the other.  The weight step runs
-conflict noticing (eq. 5) on the modules the stage's tasks share (by default the whole path:
-trunk ``1 .. b-1`` and the group chain; see ``notice``).  At the end of the stage the tasks whose
-``argmax alpha`` is branch ``b`` form a subgroup that branches at ``b`` and leaves the search;
-the others go on to the next stage with a new group chain one module longer.  After the stage with ``b = 2``, tasks still left get separate
-networks (branch point 1).  Only the modules of the stage are held, so memory does not grow with
-``T`` full copies as in CoNAL.
+sum of the two branches (the CoNAL relaxation restricted to the stage).  Both the group chain and
+the own chains of a stage start as copies of the trunk modules at their levels, so neither branch
+starts ahead of the other.  The weight step runs conflict noticing (eq. 5) on the modules the
+stage's tasks share (by default the whole path: trunk ``1 .. b-1`` and the group chain; see
+``notice``).  At the end of the stage the tasks whose ``argmax alpha`` is branch ``b`` form a
+subgroup that branches at ``b`` and leaves the search; the others go on to the next stage with a
+group chain one module longer.  After the stage with ``b = 2``, tasks still left get separate
+networks (branch point 1).  A stage holds own copies of levels ``b-1 .. K`` only, for the tasks
+still searching, instead of CoNAL's ``T`` full chains.
 
 Reading choices (the paper leaves them open; SPEC section 6 is followed): every new module is a
 copy of the trunk module at its level as trained so far (own modules do not carry over from one
 stage to the next: a carried-over own chain would start ahead of the fresh group chain); ties in
-``alpha`` go to the shared branch.
+``alpha`` go to the shared branch, and ``margin`` widens that tie band.
 """
 
 from __future__ import annotations

@@ -51,6 +51,11 @@ class BilevelSearch:
 
     Algorithm 1 starts from pre-trained weights; train the shared chain first (or pass
     pre-trained modules to :class:`SearchSpace`, whose specific copies then start from them).
+    Adam normalises every alpha step, so noise-level differences between branches grow into
+    decisions; ``torch.optim.SGD([alpha], lr=...)`` keeps the steps proportional to the
+    validation-loss gradient (``examples/conal_grouped_tasks.py`` uses it).  A few weight-only
+    steps before the first alpha step (call :meth:`weight_step` alone) let the copies train
+    before they are compared.
 
     Args:
         space: the search space.
