@@ -57,6 +57,13 @@ def main() -> None:
         print(ka.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
         print("\n### by CPU time\n")
         print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
+        from torch_mtlgrad._kernels import fused_rows
+
+        for plans in list(fused_rows._PLANS.values()):
+            for plan in plans.values():
+                for g in plan.groups:
+                    print(f"fused row kernel, group of {len(g.members)} tensors ({g.src_dtype}): "
+                          f"address tables reused {g.hits} times, copied to the device {g.misses} times")
         del step
         setup.zero_grad()
         torch.cuda.empty_cache()

@@ -130,6 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--rows", type=int, default=10, help="rows in the block benchmark")
+    ap.add_argument("--quick", action="store_true", help="fewer launch shapes in the sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench needs a CUDA device")
@@ -181,6 +182,9 @@ def main() -> None:
         configs = [KernelConfig(), KernelConfig(8192, 2048, 4), KernelConfig(16384, 4096, 8),
                    KernelConfig(32768, 4096, 8), KernelConfig(65536, 8192, 8), KernelConfig(8192, 1024, 4),
                    KernelConfig(16384, 2048, 4), KernelConfig(fused_reduce=False)]
+        if args.quick:
+            configs = [KernelConfig(), KernelConfig(16384, 2048, 4), KernelConfig(65536, 8192, 8),
+                       KernelConfig(fused_reduce=False)]
         for cfg in configs:
             status = check_against_twin(layout, grads[0], None, cfg)
             label = (f"[{tag}] fused chunk={cfg.chunk} block={cfg.block} warps={cfg.num_warps}"

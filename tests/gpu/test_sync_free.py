@@ -15,6 +15,9 @@ sync check is ``tests/test_capture.py::test_sync_free_steps``.)
   once and replayed on new batches, against the same steps run eagerly.  Stateful methods whose
   state advances in Python (the tensioner's step counter, CoNAL's history position) cannot be
   replayed by a graph and are left out of the graph tests.
+
+Measured exceptions (strict xfails, with the place they sync): IMTL-G and, for graphs only,
+PCGrad; see ``IMTLG_SYNCS`` and ``PCGRAD_NO_GRAPH``.
 """
 
 from __future__ import annotations
@@ -52,7 +55,25 @@ METHODS = {
     "cagrad-closed-form-T2": (lambda: CAGrad(method="closed-form"), 2, False),
     "conal-conflict-noticing+sum": (lambda: get("sum"), 3, True),
 }
-GRAPH_SAFE = ["mean", "mgda-pgd", "central-pgd", "pcgrad-fixed", "imtlg", "cagrad-closed-form-T2"]
+# Measured on an H100 (torch 2.11, CUDA 13): IMTL-G synchronises, in imtlg_weights
+# (torch_mtlgrad/aggregators/imtlg.py, ``torch.linalg.eigh(C)``: cuSOLVER's syevd reports its
+# ``info`` to the host), and that call cannot be captured in a CUDA graph either.  PCGrad's fixed
+# order is built on the CPU and copied to the GPU (pcgrad.py, ``_orders``): not a sync PyTorch
+# flags, but a pageable host -> device copy, which a graph capture refuses.  Strict xfails: they
+# turn into failures once those methods are fixed, so the marks get removed then.
+IMTLG_SYNCS = pytest.mark.xfail(strict=True, reason="IMTL-G syncs: torch.linalg.eigh in "
+                                "aggregators/imtlg.py imtlg_weights (cuSOLVER info check)")
+PCGRAD_NO_GRAPH = pytest.mark.xfail(strict=True, reason="PCGrad(order='fixed') copies its order from "
+                                    "the CPU (pcgrad.py _orders): illegal during graph capture")
+
+
+def sync_free_params():
+    return [pytest.param(n, marks=IMTLG_SYNCS) if n == "imtlg" else n for n in METHODS]
+
+
+def graph_params():
+    out = [n for n in ("mean", "mgda-pgd", "central-pgd", "cagrad-closed-form-T2")]
+    return out + [pytest.param("pcgrad-fixed", marks=PCGRAD_NO_GRAPH), pytest.param("imtlg", marks=IMTLG_SYNCS)]
 
 
 def batch(seed: int, tasks: int, device="cuda"):
@@ -88,7 +109,7 @@ def params(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("diagnostics", [False, True], ids=["nodiag", "diag"])
 @pytest.mark.parametrize("capture", ["loop", "feature"])
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", sync_free_params())
 def test_step_is_sync_free(name: str, capture: str, diagnostics: bool) -> None:
     model, opt, tasks = build(name, capture, diagnostics)
     x, ys = batch(0, tasks)
@@ -111,7 +132,7 @@ def test_step_is_sync_free(name: str, capture: str, diagnostics: bool) -> None:
                                        if v.is_floating_point() and k not in ("delta",))
 
 
-@pytest.mark.parametrize("name", GRAPH_SAFE)
+@pytest.mark.parametrize("name", graph_params())
 def test_aggregation_replays_in_a_cuda_graph(name: str) -> None:
     """Aggregator + write-back (views of one flat .grad buffer) + SGD step on a static J."""
     make, tasks, _ = METHODS[name]
@@ -122,7 +143,9 @@ def test_aggregation_replays_in_a_cuda_graph(name: str) -> None:
     agg, ref_agg = make(), make()
     sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     ref_sgd = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
-    J = torch.randn(tasks, layout.numel, device="cuda")
+    # CPU random numbers only: a failed capture (the xfail cases) leaves the CUDA generator unusable.
+    gen = torch.Generator().manual_seed(2)
+    J = torch.randn(tasks, layout.numel, generator=gen).cuda()
     flat = torch.zeros(layout.numel, device="cuda")
     for p, v in zip(layout.params, layout.views(flat)):
         p.grad = v
@@ -136,8 +159,7 @@ def test_aggregation_replays_in_a_cuda_graph(name: str) -> None:
             p.grad = g.clone()
         ref_sgd.step()
 
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    draws = [torch.randn(tasks, layout.numel, device="cuda", generator=gen) for _ in range(5)]
+    draws = [torch.randn(tasks, layout.numel, generator=gen).cuda() for _ in range(5)]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -158,7 +180,7 @@ def test_aggregation_replays_in_a_cuda_graph(name: str) -> None:
         assert torch.allclose(params(net), params(ref_net), rtol=1e-5, atol=1e-6), f"replay {k}"
 
 
-@pytest.mark.parametrize("name", GRAPH_SAFE)
+@pytest.mark.parametrize("name", graph_params())
 def test_whole_step_replays_in_a_cuda_graph(name: str) -> None:
     """Forward, opt.backward (capture of J, aggregation, write-back) and opt.step in one graph."""
     model, opt, tasks = build(name)

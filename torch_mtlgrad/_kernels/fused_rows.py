@@ -138,10 +138,12 @@ def _kernels() -> dict[str, Any]:
     import triton
     import triton.language as tl
 
+    from triton import knobs
+
     from . import _triton_fill
 
     _KERNELS.update(fill=_triton_fill.fill_rows_kernel, reduce=_triton_fill.reduce_kernel, tl=tl,
-                    triton=triton)
+                    triton=triton, knobs=knobs)
     return _KERNELS
 
 
@@ -155,6 +157,7 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 # Per-layout plans
 # --------------------------------------------------------------------------------------------
 _TABLE_CACHE = 8  # address patterns kept per group
+_DIRECT = os.environ.get("TORCH_MTLGRAD_TRITON_DIRECT", "1") != "0"
 
 
 @dataclass
@@ -169,8 +172,10 @@ class _Group:
     tile_param: Tensor  # [n_tiles] int32
     static_vec: list[bool]  # size and offset allow 16-byte access
     tables: OrderedDict = field(default_factory=OrderedDict)  # addresses -> [2, Pg] int64
-    keepalive: list = field(default_factory=list)
-    scratch: dict = field(default_factory=dict)  # (R, acc dtype) -> (partial, partial_bad, tickets)
+    scratch: dict = field(default_factory=dict)  # acc dtype -> (partial, partial_bad, tickets)
+    launchers: dict = field(default_factory=dict)  # specialisation -> compiled kernel
+    hits: int = 0  # address-table cache hits and misses (host -> device copies)
+    misses: int = 0
 
 
 @dataclass
@@ -181,12 +186,13 @@ class _Plan:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(layout: Any, device: torch.device, src_dtypes: tuple, cfg: KernelConfig) -> _Plan:
+def _plan(layout: Any, device: torch.device, key: Any, src_dtypes: Sequence[torch.dtype],
+          cfg: KernelConfig) -> _Plan:
     per_layout = _PLANS.get(layout)
     if per_layout is None:
         per_layout = _PLANS[layout] = {}
-    key = (device, src_dtypes, cfg.chunk)
-    plan = per_layout.get(key)
+    full_key = (device, key, cfg.chunk)
+    plan = per_layout.get(full_key)
     if plan is not None:
         return plan
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -211,20 +217,19 @@ def _plan(layout: Any, device: torch.device, src_dtypes: tuple, cfg: KernelConfi
             meta=meta.to(device), tile_param=tile_param.to(device),
             static_vec=[n % 8 == 0 and o % 8 == 0 for n, o in zip(numels, offs)],
         ))
-    plan = per_layout[key] = _Plan(groups)
+    plan = per_layout[full_key] = _Plan(groups)
     return plan
 
 
-def _address_table(group: _Group, srcs: list[Tensor | None], device: torch.device) -> Tensor | None:
+def _address_table(group: _Group, ptrs: tuple[int, ...], device: torch.device) -> Tensor | None:
     """``[2, Pg]`` int64 device table of source addresses and vector flags (cached by address)."""
-    ptrs = tuple(0 if g is None else g.data_ptr() for g in srcs)
     tab = group.tables.get(ptrs)
     if tab is not None:
-        group.tables.move_to_end(ptrs)
+        group.hits += 1
         return tab
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None  # a host -> device copy inside a capture: use the twin instead
+    group.misses += 1
     flags = [int(v and p % 16 == 0) for v, p in zip(group.static_vec, ptrs)]
     host = torch.tensor([list(ptrs), flags], dtype=torch.int64, pin_memory=device.type == "cuda")
     tab = host.to(device, non_blocking=True)
@@ -235,22 +240,64 @@ def _address_table(group: _Group, srcs: list[Tensor | None], device: torch.devic
 
 
 def _scratch(group: _Group, R: int, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    key = (acc,)
-    have = group.scratch.get(key)
+    have = group.scratch.get(acc)
     if have is None or have[0].shape[0] < R:
         Pg = len(group.members)
         have = (torch.empty(R, group.n_tiles, dtype=acc, device=device),
                 torch.empty(R, group.n_tiles, dtype=torch.int32, device=device),
                 torch.zeros(R, Pg, dtype=torch.int32, device=device))
-        group.scratch[key] = have
+        group.scratch[acc] = have
     return have
+
+
+def _run_fill(grp: _Group, tab: Tensor, rows: Tensor, out: RowStats, cfg: KernelConfig) -> None:
+    """One launch of the fill kernel for one group (plus the reduce kernel if not fused).
+
+    After the first launch of a specialisation, the compiled kernel is called directly: Triton's
+    generic launch path (argument binding, specialisation key) costs more host time than the
+    copy itself takes on the GPU.  The specialisation is keyed by everything Triton specialises
+    this kernel on: the dtypes, the constexprs and the 16-byte alignment of each pointer argument
+    (the integer arguments are not specialised).
+    """
+    k = _kernels()
+    R = rows.shape[0]
+    acc = acc_dtype(rows.dtype)
+    partial, partial_bad, tickets = _scratch(grp, R, acc, rows.device)
+    sq, bad = out.sq_norms, out.nonfinite
+    assert sq is not None and bad is not None
+    Pg = len(grp.members)
+    row_vec = int(rows.data_ptr() % 16 == 0 and (R == 1 or rows.stride(0) % 8 == 0))
+    args = (tab, grp.meta, grp.tile_param, rows, rows.stride(0), row_vec, partial, partial_bad, tickets,
+            sq, sq.stride(0), bad, bad.stride(0), grp.n_tiles, Pg)
+    via = grp.src_dtype == torch.float64 and rows.dtype in (torch.float16, torch.bfloat16)
+    consts = (_tl_dtype(acc), _tl_dtype(grp.src_dtype), cfg.chunk, cfg.block, grp.maxt, cfg.fused_reduce, via)
+    grid = (grp.n_tiles, R)
+    key = (rows.dtype, cfg, tuple(t.data_ptr() % 16 == 0 for t in (tab, rows, sq, bad)))
+    ck = grp.launchers.get(key) if _DIRECT else None
+    if ck is not None:
+        knobs = k["knobs"]
+        stream = torch.cuda.current_stream(rows.device).cuda_stream
+        enter = knobs.runtime.launch_enter_hook
+        meta = ck.launch_metadata(grid, stream, *args, *consts) if enter is not None else None
+        ck.run(grid[0], grid[1], 1, stream, ck.function, ck.packed_metadata, meta, enter,
+               knobs.runtime.launch_exit_hook, *args, *consts)
+    else:
+        ck = k["fill"][grid](*args, ACC=consts[0], SRC=consts[1], CHUNK=cfg.chunk, BLOCK=cfg.block,
+                             MAXT=grp.maxt, FUSED=cfg.fused_reduce, VIA_F32=via, num_warps=cfg.num_warps)
+        if _DIRECT and ck is not None:
+            if hasattr(ck, "result"):
+                ck = ck.result()
+            ck._init_handles()
+            grp.launchers[key] = ck
+    if not cfg.fused_reduce:
+        k["reduce"][(Pg, R)](grp.meta, partial, partial_bad, sq, sq.stride(0), bad, bad.stride(0),
+                             grp.n_tiles, Pg, MAXT=grp.maxt, num_warps=4)
 
 
 def _launch(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], out: RowStats,
             cfg: KernelConfig) -> bool:
-    """Fill ``rows`` ([R, D] view) with the kernel; False if it must fall back (capture)."""
-    k = _kernels()
-    R = rows.shape[0]
+    """Fill ``rows`` ([R, D] view) with the kernel, any mix of dtypes and layouts of the
+    gradients; False if it must fall back (new addresses during a graph capture)."""
     device = rows.device
     srcs: list[Tensor | None] = []
     for g in grads:
@@ -259,30 +306,58 @@ def _launch(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], out: RowS
         srcs.append(g)
     default = rows.dtype if rows.dtype in _DTYPES else torch.float32
     src_dtypes = tuple(default if g is None else g.dtype for g in srcs)
-    plan = _plan(layout, device, src_dtypes, cfg)
+    plan = _plan(layout, device, src_dtypes, src_dtypes, cfg)
     tables = []
     for grp in plan.groups:
-        tab = _address_table(grp, [srcs[i] for i in grp.members], device)
+        ptrs = tuple(0 if srcs[i] is None else srcs[i].data_ptr() for i in grp.members)  # type: ignore[union-attr]
+        tab = _address_table(grp, ptrs, device)
         if tab is None:
             return False
         tables.append(tab)
-    acc = acc_dtype(rows.dtype)
-    row_vec = int(rows.data_ptr() % 16 == 0 and (R == 1 or rows.stride(0) % 8 == 0))
-    sq, bad = out.sq_norms, out.nonfinite
-    assert sq is not None and bad is not None
     for grp, tab in zip(plan.groups, tables):
-        partial, partial_bad, tickets = _scratch(grp, R, acc, device)
-        Pg = len(grp.members)
-        k["fill"][(grp.n_tiles, R)](
-            tab, grp.meta, grp.tile_param, rows, rows.stride(0), row_vec,
-            partial, partial_bad, tickets, sq, sq.stride(0), bad, bad.stride(0), grp.n_tiles, Pg,
-            ACC=_tl_dtype(acc), SRC=_tl_dtype(grp.src_dtype), CHUNK=cfg.chunk, BLOCK=cfg.block,
-            MAXT=grp.maxt, FUSED=cfg.fused_reduce, num_warps=cfg.num_warps,
-            VIA_F32=grp.src_dtype == torch.float64 and rows.dtype in (torch.float16, torch.bfloat16),
-        )
-        if not cfg.fused_reduce:
-            k["reduce"][(Pg, R)](grp.meta, partial, partial_bad, sq, sq.stride(0), bad, bad.stride(0),
-                                 grp.n_tiles, Pg, MAXT=grp.maxt, num_warps=4)
+        _run_fill(grp, tab, rows, out, cfg)
+    return True
+
+
+def _fast_launch(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], out: RowStats,
+                 block: bool, cfg: KernelConfig) -> bool | None:
+    """The common case in one pass over the gradients: one source dtype, contiguous, right shapes
+    and device.  ``None``: not the common case (the caller checks and takes the general path);
+    ``False``: fall back to the twin (graph capture)."""
+    dev = rows.get_device()
+    dt0 = None
+    ptrs = []
+    if block:
+        R = rows.shape[0]
+        for g, shape in zip(grads, layout.shapes):
+            if g is None:
+                ptrs.append(0)
+                continue
+            if dt0 is None:
+                dt0 = g.dtype
+            if (g.dtype != dt0 or g.shape[1:] != shape or g.shape[0] != R or g.get_device() != dev
+                    or not g.is_contiguous()):
+                return None
+            ptrs.append(g.data_ptr())
+    else:
+        for g, shape in zip(grads, layout.shapes):
+            if g is None:
+                ptrs.append(0)
+                continue
+            if dt0 is None:
+                dt0 = g.dtype
+            if g.dtype != dt0 or g.shape != shape or g.get_device() != dev or not g.is_contiguous():
+                return None
+            ptrs.append(g.data_ptr())
+    if len(ptrs) != len(layout.shapes) or dt0 not in _DTYPES and dt0 is not None:
+        return None
+    dt = rows.dtype if dt0 is None else dt0
+    plan = _plan(layout, rows.device, ("uniform", dt), (dt,) * len(ptrs), cfg)
+    (grp,) = plan.groups
+    tab = _address_table(grp, tuple(ptrs), rows.device)
+    if tab is None:
+        return False
+    _run_fill(grp, tab, rows if block else rows.unsqueeze(0), out, cfg)
     return True
 
 
@@ -294,28 +369,38 @@ def _out_for(layout: Any, rows: Tensor, out: RowStats | None, block: bool) -> tu
     P = len(layout.params)
     acc = acc_dtype(rows.dtype)
     R = rows.shape[0] if block else 1
-    check_out(layout, rows, out, block)
-    direct = out is not None and out.sq_norms is not None and out.nonfinite is not None
-    if direct:
-        assert out is not None and out.sq_norms is not None and out.nonfinite is not None
-        sq, bad = out.sq_norms, out.nonfinite
-        kern = RowStats(sq.view(R, P), bad.view(R, P))
-        return kern, None
+    if out is not None:
+        check_out(layout, rows, out, block)
+        if out.sq_norms is not None and out.nonfinite is not None:
+            return RowStats(out.sq_norms.view(R, P), out.nonfinite.view(R, P)), None
     kern = RowStats(torch.empty(R, P, dtype=acc, device=rows.device),
                     torch.empty(R, P, dtype=torch.int32, device=rows.device))
     return kern, out
 
 
+def _rows_ok(layout: Any, rows: Tensor, block: bool) -> bool:
+    return (rows.dim() == (2 if block else 1) and rows.shape[-1] == layout.numel and rows.stride(-1) == 1
+            and rows.dtype in _DTYPES and len(layout.shapes) > 0)
+
+
 def _fill(layout: Any, rows: Tensor, grads: Sequence[Tensor | None], out: RowStats | None,
           norms: bool, check: bool, block: bool, config: KernelConfig | None) -> RowStats:
-    check_inputs(layout, rows, grads, block=block)
     ref = fill_rows_reference if block else fill_row_reference
-    if backend_for(rows, grads) == "reference":
+    use_kernel = rows.is_cuda and triton_available()
+    if not use_kernel:
         return ref(layout, rows, grads, out=out, norms=norms, check=check)
     cfg = config or DEFAULT_CONFIG
-    kern, copy_into = _out_for(layout, rows, out, block)
-    rows2 = rows if block else rows.unsqueeze(0)
-    if not _launch(layout, rows2, grads, kern, cfg):
+    done = None
+    if _rows_ok(layout, rows, block) and len(grads) == len(layout.shapes):
+        kern, copy_into = _out_for(layout, rows, out, block)
+        done = _fast_launch(layout, rows, grads, kern, block, cfg)
+    if done is None:  # not the common case: full checks, then the general path
+        check_inputs(layout, rows, grads, block=block)
+        if backend_for(rows, grads) == "reference":
+            return ref(layout, rows, grads, out=out, norms=norms, check=check)
+        kern, copy_into = _out_for(layout, rows, out, block)
+        done = _launch(layout, rows if block else rows.unsqueeze(0), grads, kern, cfg)
+    if not done:
         log.debug("fused row fill: new gradient addresses during graph capture, using the twin")
         return ref(layout, rows, grads, out=out, norms=norms, check=check)
     sq, bad = kern
