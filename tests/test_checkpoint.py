@@ -325,8 +325,8 @@ def _doc(**changes: Any) -> str:
     return json.dumps(d)
 
 
-# Crafted architecture files.  Those marked "strict" are accepted (coerced or crashing with a
-# non-ValueError) by conal/derive.py's Architecture.from_dict today; see docs/robustness.md.
+# Crafted architecture files; the "strict" ones need the schema check of
+# conal/derive.py's Architecture.from_dict (exact JSON types, bounds, no extra keys).
 CRAFTED = {
     "not_json": ("{not json", False),
     "duplicate_task": (_doc(branches=[{"tasks": [0, 0, 1, 2], "branch_point": 3}]), False),
@@ -353,12 +353,7 @@ CRAFTED = {
 def test_crafted_architecture_json_is_a_clear_error(request, kind: str) -> None:
     from torch_mtlgrad.conal import Architecture
 
-    text, strict = CRAFTED[kind]
-    if strict:
-        request.applymarker(pytest.mark.xfail(
-            reason="conal/derive.py: Architecture.from_dict must check the schema strictly (exact "
-                   "types, bounds, no extra keys, non-object documents) before building; issue 7",
-            strict=False))
+    text, _strict = CRAFTED[kind]
     with pytest.raises(ValueError):
         Architecture.from_json(text)
 

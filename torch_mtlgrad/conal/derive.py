@@ -151,19 +151,63 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
-        """Inverse of :meth:`to_dict` (checks the format tag)."""
+        """Inverse of :meth:`to_dict`.  The document is checked strictly before anything is built:
+        an object with exactly the keys ``format``, ``num_tasks``, ``num_modules``, ``branches``;
+        integers that are JSON integers (no strings, floats or booleans) within bounds
+        (``num_tasks <= MAX_TASKS``, ``num_modules <= MAX_MODULES``); each branch an object with
+        exactly ``tasks`` (a list of integers) and ``branch_point`` (an integer).  Anything else
+        is a ``ValueError`` naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an architecture document must be a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ValueError(f"not a CoNAL architecture document (format {data.get('format')!r}, expected {FORMAT!r})")
         try:
-            branches = tuple(Branch(tuple(b["tasks"]), int(b["branch_point"])) for b in data["branches"])
-            return cls(int(data["num_tasks"]), int(data["num_modules"]), branches)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed architecture document: {e}") from None
+            return cls._from_checked_dict(data)
+        except ValueError as err:
+            raise ValueError(f"malformed architecture document: {err}") from None
+
+    @classmethod
+    def _from_checked_dict(cls, data: dict[str, Any]) -> Architecture:
+        keys = {"format", "num_tasks", "num_modules", "branches"}
+        if set(data) != keys:
+            raise ValueError(f"architecture document keys must be {sorted(keys)}, got {sorted(map(str, data))}")
+        T = _strict_int(data["num_tasks"], "num_tasks", 1, MAX_TASKS)
+        K = _strict_int(data["num_modules"], "num_modules", 1, MAX_MODULES)
+        raw = data["branches"]
+        if not isinstance(raw, list) or len(raw) > T:
+            raise ValueError(f"branches must be a list of at most num_tasks={T} objects")
+        branches = []
+        for i, b in enumerate(raw):
+            if not isinstance(b, dict) or set(b) != {"tasks", "branch_point"}:
+                raise ValueError(f"branch {i} must be an object with exactly 'tasks' and 'branch_point'")
+            tasks = b["tasks"]
+            if not isinstance(tasks, list):
+                raise ValueError(f"branch {i}: tasks must be a list of integers")
+            ids = tuple(_strict_int(t, f"branch {i} task", 0, T - 1) for t in tasks)
+            point = _strict_int(b["branch_point"], f"branch {i} branch_point", 1, K + 1)
+            branches.append(Branch(ids, point))
+        return cls(T, K, tuple(branches))
 
     @classmethod
     def from_json(cls, text: str) -> Architecture:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+        """Inverse of :meth:`to_json`; malformed or hostile text is a ``ValueError``."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("architecture document is nested too deeply") from None
+        return cls.from_dict(data)
+
+
+MAX_TASKS = 100_000
+MAX_MODULES = 100_000
+
+
+def _strict_int(value: Any, name: str, low: int, high: int) -> int:
+    if type(value) is not int:
+        raise ValueError(f"{name} must be a JSON integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
 
 
 class BranchedNetwork(nn.Module):
