@@ -134,8 +134,10 @@ class MultiTaskOptimizer(Optimizer):
             ``scaler.update`` lowers the scale as without this wrapper; aggregator and plugins are
             not called that step.  Costs one host synchronisation per step for the check.
         diagnostics: compute per-step diagnostics (task weights, gradient norms, pairwise cosines,
-            each gradient's angle to the direction, and the aggregator's own, e.g. ``c`` and
-            ``delta`` for tensioners) into :attr:`diagnostics`.  Costs one more ``J J^T``.
+            each gradient's angle to the direction, the aggregator's own, e.g. ``c`` and
+            ``delta`` for tensioners, and each plugin's tensor diagnostics as
+            ``"<PluginClass>.<name>"``, e.g. ``"ConflictNoticing.conflict_pstar"``) into
+            :attr:`diagnostics`.  Costs one more ``J J^T``.
 
     Example:
         >>> import torch
@@ -641,6 +643,10 @@ class MultiTaskOptimizer(Optimizer):
         if self.compute_diagnostics:
             diag = step_diagnostics(Jw, d, self.aggregator.weights)
             diag.update(self.aggregator.diagnostics)
+            for plugin in self.plugins:  # e.g. "ConflictNoticing.conflict_pstar"
+                for k, v in (getattr(plugin, "diagnostics", None) or {}).items():
+                    if isinstance(v, Tensor):
+                        diag[f"{type(plugin).__name__}.{k}"] = v
             self.diagnostics = {k: v.detach() for k, v in diag.items()}
         return True
 

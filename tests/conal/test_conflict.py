@@ -321,3 +321,22 @@ def test_bad_input() -> None:
         ConflictNoticing([other]).bind(FlatLayout(list(lin.parameters())))
     with pytest.raises(ValueError, match="over"):
         cn.conflict_ratio("epoch")
+
+
+def test_plugin_diagnostics_reach_the_optimizer() -> None:
+    import torch
+    from torch import nn
+
+    from torch_mtlgrad import MultiTaskOptimizer
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+    heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(2)])
+    opt = MultiTaskOptimizer(torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1),
+                             shared=enc, aggregator="sum", conflict_noticing=[enc[0], enc[2]])
+    x = torch.randn(8, 3)
+    z = enc(x)
+    opt.backward([h(z).pow(2).mean() for h in heads])
+    key = "ConflictNoticing.conflict_pstar"
+    assert key in opt.diagnostics
+    assert torch.equal(opt.diagnostics[key], opt.plugins[0].diagnostics["conflict_pstar"])
