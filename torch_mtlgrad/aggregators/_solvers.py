@@ -183,7 +183,10 @@ def project_simplex(v: Tensor) -> Tensor:
     cond = (u - css / k) > 0
     rho = cond.sum(dim=-1, keepdim=True).clamp_min(1)
     theta = torch.gather(css, -1, rho - 1) / rho.to(v.dtype)
-    return (v - theta).clamp_min(0)
+    w = (v - theta).clamp_min(0)
+    # For large |v| the subtraction cancels digits and the sum drifts from 1 by ~|v| eps:
+    # renormalise so the result lies on the simplex to rounding (the largest entry is > 0).
+    return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
 def min_norm_weights_pgd(G: Tensor, iters: int = 250) -> Tensor:
