@@ -126,6 +126,60 @@ def check_against_twin(layout: FlatLayout, grads: list[torch.Tensor], R: int | N
     return f"{'ok' if ok else 'MISMATCH'} (rows equal: {same_rows}, counts equal: {same_bad}, max rel. norm diff {err:.1e})"
 
 
+def bench_one_row(src_dtype: torch.dtype, layout: FlatLayout, params: list[torch.nn.Parameter],
+                  add: Callable[..., dict[str, float]], quick: bool) -> None:
+    """One ResNet-18 row from gradients of ``src_dtype``: every method, timed through ``add``."""
+    D, P = layout.numel, len(params)
+    sz = torch.finfo(src_dtype).bits // 8
+    nbytes = D * (sz + 4)
+    grads = [[(torch.randn_like(p) * 0.01).to(src_dtype) for p in params] for _ in range(SETS)]
+    rows = [torch.empty(D, device="cuda") for _ in range(SETS)]
+    views = [layout.views(r) for r in rows]
+    n_eq = nbytes // 8  # float32 values whose copy moves the same bytes
+    src_flat = [torch.randn(n_eq, device="cuda") for _ in range(SETS)]
+    dst_flat = [torch.empty(n_eq, device="cuda") for _ in range(SETS)]
+    tag = "fp32" if src_dtype == torch.float32 else "bf16->fp32"
+    add(f"[{tag}] d2d copy of the same bytes", lambda i: dst_flat[i].copy_(src_flat[i]), nbytes)
+    add(f"[{tag}] torch.cat", lambda i: torch.cat([g.reshape(-1) for g in grads[i]], out=rows[i])
+        if src_dtype == torch.float32 else torch.cat([g.reshape(-1).float() for g in grads[i]], out=rows[i]),
+        nbytes)
+    add(f"[{tag}] copy_ loop", lambda i: [v.copy_(g) for v, g in zip(views[i], grads[i])], nbytes)
+    add(f"[{tag}] foreach_copy_", lambda i: torch._foreach_copy_(views[i], grads[i]), nbytes)
+    flags = [torch.empty((), dtype=torch.bool, device="cuda") for _ in range(SETS)]
+
+    def unfused(i: int) -> None:
+        torch._foreach_copy_(views[i], grads[i])
+        flags[i].copy_(torch.isfinite(rows[i]).all())
+        torch._foreach_norm(views[i])
+
+    add(f"[{tag}] unfused minimal (copy, isfinite(row).all(), norms)", unfused, nbytes)
+    outs = [RowStats.empty(P, None, torch.float32, "cuda") for _ in range(SETS)]
+    add(f"[{tag}] twin (copy, per-param counts, norms)",
+        lambda i: fill_row_reference(layout, rows[i], grads[i], out=outs[i]), nbytes)
+    configs = [KernelConfig(), KernelConfig(8192, 2048, 4), KernelConfig(16384, 4096, 8),
+               KernelConfig(32768, 4096, 8), KernelConfig(65536, 8192, 8), KernelConfig(8192, 1024, 4),
+               KernelConfig(16384, 2048, 8), KernelConfig(fused_reduce=False)]
+    if quick:
+        configs = [KernelConfig(), KernelConfig(16384, 2048, 8), KernelConfig(65536, 8192, 8),
+                   KernelConfig(fused_reduce=False)]
+    for cfg in configs:
+        status = check_against_twin(layout, grads[0], None, cfg)
+        label = (f"[{tag}] fused chunk={cfg.chunk} block={cfg.block} warps={cfg.num_warps}"
+                 f"{'' if cfg.fused_reduce else ' +reduce launch'}")
+        print(f"  check {label}: {status}", flush=True)
+        add(label + ("" if status.startswith("ok") else " (MISMATCH)"),
+            lambda i, cfg=cfg: fill_row_fused(layout, rows[i], grads[i], out=outs[i], config=cfg), nbytes)
+    fresh = [[g.clone() for g in grads[0]] for _ in range(16)]
+    k = [0]
+
+    def new_addresses(i: int) -> None:
+        k[0] += 1
+        fill_row_fused(layout, rows[i], fresh[k[0] % 16], out=outs[i])
+
+    add(f"[{tag}] fused, new addresses every call (table H2D)", new_addresses, nbytes, graph_ok=False)
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -139,10 +193,10 @@ def main() -> None:
     layout = FlatLayout(params)
     D = layout.numel
     P = len(params)
-    lines = [f"# Fused row kernel: one ResNet-18 row ({P} tensors, D = {D:,}, "
-             f"{8 * D / 1e6:.1f} MB moved in float32)", "",
-             f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-             f"triton {__import__('triton').__version__}", ""]
+    lines = [(f"# Fused row kernel: one ResNet-18 row ({P} tensors, D = {D:,}, "
+              f"{8 * D / 1e6:.1f} MB moved in float32)"), "",
+             (f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+              f"triton {__import__('triton').__version__}"), ""]
     results: list[tuple[str, dict[str, float], float]] = []  # (label, times, bytes)
 
     def add(label: str, fn: Callable[[int], None], nbytes: float, graph_ok: bool = True,
@@ -153,54 +207,7 @@ def main() -> None:
         return t
 
     for src_dtype in (torch.float32, torch.bfloat16):
-        sz = torch.finfo(src_dtype).bits // 8
-        nbytes = D * (sz + 4)
-        grads = [[(torch.randn_like(p) * 0.01).to(src_dtype) for p in params] for _ in range(SETS)]
-        rows = [torch.empty(D, device="cuda") for _ in range(SETS)]
-        views = [layout.views(r) for r in rows]
-        n_eq = nbytes // 8  # float32 values whose copy moves the same bytes
-        src_flat = [torch.randn(n_eq, device="cuda") for _ in range(SETS)]
-        dst_flat = [torch.empty(n_eq, device="cuda") for _ in range(SETS)]
-        tag = "fp32" if src_dtype == torch.float32 else "bf16->fp32"
-        add(f"[{tag}] d2d copy of the same bytes", lambda i: dst_flat[i].copy_(src_flat[i]), nbytes)
-        add(f"[{tag}] torch.cat", lambda i: torch.cat([g.reshape(-1) for g in grads[i]], out=rows[i])
-            if src_dtype == torch.float32 else torch.cat([g.reshape(-1).float() for g in grads[i]], out=rows[i]),
-            nbytes)
-        add(f"[{tag}] copy_ loop", lambda i: [v.copy_(g) for v, g in zip(views[i], grads[i])], nbytes)
-        add(f"[{tag}] foreach_copy_", lambda i: torch._foreach_copy_(views[i], grads[i]), nbytes)
-        flags = [torch.empty((), dtype=torch.bool, device="cuda") for _ in range(SETS)]
-
-        def unfused(i: int) -> None:
-            torch._foreach_copy_(views[i], grads[i])
-            flags[i].copy_(torch.isfinite(rows[i]).all())
-            torch._foreach_norm(views[i])
-
-        add(f"[{tag}] unfused minimal (copy, isfinite(row).all(), norms)", unfused, nbytes)
-        outs = [RowStats.empty(P, None, torch.float32, "cuda") for _ in range(SETS)]
-        add(f"[{tag}] twin (copy, per-param counts, norms)",
-            lambda i: fill_row_reference(layout, rows[i], grads[i], out=outs[i]), nbytes)
-        configs = [KernelConfig(), KernelConfig(8192, 2048, 4), KernelConfig(16384, 4096, 8),
-                   KernelConfig(32768, 4096, 8), KernelConfig(65536, 8192, 8), KernelConfig(8192, 1024, 4),
-                   KernelConfig(16384, 2048, 4), KernelConfig(fused_reduce=False)]
-        if args.quick:
-            configs = [KernelConfig(), KernelConfig(16384, 2048, 4), KernelConfig(65536, 8192, 8),
-                       KernelConfig(fused_reduce=False)]
-        for cfg in configs:
-            status = check_against_twin(layout, grads[0], None, cfg)
-            label = (f"[{tag}] fused chunk={cfg.chunk} block={cfg.block} warps={cfg.num_warps}"
-                     f"{'' if cfg.fused_reduce else ' +reduce launch'}")
-            print(f"  check {label}: {status}", flush=True)
-            add(label + ("" if status.startswith("ok") else " (MISMATCH)"),
-                lambda i, cfg=cfg: fill_row_fused(layout, rows[i], grads[i], out=outs[i], config=cfg), nbytes)
-        fresh = [[g.clone() for g in grads[0]] for _ in range(16)]
-        k = [0]
-
-        def new_addresses(i: int) -> None:
-            k[0] += 1
-            fill_row_fused(layout, rows[i], fresh[k[0] % 16], out=outs[i])
-
-        add(f"[{tag}] fused, new addresses every call (table H2D)", new_addresses, nbytes, graph_ok=False)
-        del grads, fresh, src_flat, dst_flat
+        bench_one_row(src_dtype, layout, params, add, args.quick)
         torch.cuda.empty_cache()
 
     # A block of rows from batched gradients (the batched / feature capture modes).

@@ -31,11 +31,11 @@ from torch_mtlgrad._kernels import (
     fill_row_reference,
     fill_rows_fused,
     fill_rows_reference,
+    fused_rows,
     param_segment_ids,
     segment_sq_norms,
     triton_available,
 )
-from torch_mtlgrad._kernels import fused_rows
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 POISON = 1234.5
@@ -282,7 +282,7 @@ def test_kernel_in_the_triton_interpreter() -> None:
         pytest.skip("Triton is not installed (the kernel is checked on CUDA instead)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT, "0"], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "failures 0" in res.stdout
 
@@ -323,7 +323,7 @@ def test_kernel_matches_twin_on_random_layouts(case, noncontig) -> None:
                                     noncontig=noncontig)
     assert backend_for(rows, grads) == "triton"
     kernel_vs_twin(layout, rows, grads, R, CONFIGS[seed % 2])  # default and small tiles
-    expect, sq, bad = brute_force(layout, rows.shape, rdt, grads, R)
+    expect, _, _ = brute_force(layout, rows.shape, rdt, grads, R)
     got_rows = rows.cpu()
     assert torch.equal(got_rows.nan_to_num(), expect.nan_to_num())
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from torch_mtlgrad import FlatLayout, MultiTaskOptimizer
-from torch_mtlgrad.aggregators import CAGrad, IMTLG, PCGrad, Central, MinNorm, Tensioned, get
+from torch_mtlgrad.aggregators import IMTLG, CAGrad, Central, MinNorm, PCGrad, Tensioned, get
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

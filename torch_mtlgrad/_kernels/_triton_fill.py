@@ -11,6 +11,7 @@ separate launch (``FUSED=False``).  See ``fused_rows`` for the tables' layout.
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _copy_tile(src, dst, start, n, has_src, ACC: tl.constexpr, CHUNK: tl.constexpr,
                BLOCK: tl.constexpr, VEC: tl.constexpr, VIA_F32: tl.constexpr):

@@ -51,11 +51,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .reference import (RowStats, acc_dtype, check_inputs, check_out, fill_row_reference,
-                        fill_rows_reference)
+from .reference import (
+    RowStats,
+    acc_dtype,
+    check_inputs,
+    check_out,
+    fill_row_reference,
+    fill_rows_reference,
+)
 
-__all__ = ["fill_row_fused", "fill_rows_fused", "triton_available", "backend_for", "KernelConfig",
-           "DEFAULT_CONFIG"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "KernelConfig",
+    "backend_for",
+    "fill_row_fused",
+    "fill_rows_fused",
+    "triton_available",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +92,7 @@ class KernelConfig:
 
     chunk: int = 16384
     block: int = 2048
-    num_warps: int = 8
+    num_warps: int = 4
     fused_reduce: bool = True
 
     def __post_init__(self) -> None:
@@ -106,10 +118,10 @@ def triton_available() -> bool:
         return False
     if _TRITON is None:
         try:
-            import triton  # noqa: F401
+            import triton
 
             _TRITON = triton
-        except Exception:  # pragma: no cover - depends on the install
+        except Exception:  # noqa: BLE001 - a broken Triton install means: no kernel
             _TRITON = False
     return bool(_TRITON) and torch.cuda.is_available()
 
@@ -137,7 +149,6 @@ def _kernels() -> dict[str, Any]:
         return _KERNELS
     import triton
     import triton.language as tl
-
     from triton import knobs
 
     from . import _triton_fill
@@ -156,7 +167,8 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 # --------------------------------------------------------------------------------------------
 # Per-layout plans
 # --------------------------------------------------------------------------------------------
-_TABLE_CACHE = 8  # address patterns kept per group
+_TABLE_CACHE = 64  # address patterns kept per group
+_RING = 64  # pinned host / device slots for new address tables
 _DIRECT = os.environ.get("TORCH_MTLGRAD_TRITON_DIRECT", "1") != "0"
 
 
@@ -176,6 +188,8 @@ class _Group:
     launchers: dict = field(default_factory=dict)  # specialisation -> compiled kernel
     hits: int = 0  # address-table cache hits and misses (host -> device copies)
     misses: int = 0
+    ring: Any = None  # (pinned host [RING, 2, Pg], its numpy view, device [RING, 2, Pg], events, keys)
+    ring_pos: int = 0
 
 
 @dataclass
@@ -222,17 +236,51 @@ def _plan(layout: Any, device: torch.device, key: Any, src_dtypes: Sequence[torc
 
 
 def _address_table(group: _Group, ptrs: tuple[int, ...], device: torch.device) -> Tensor | None:
-    """``[2, Pg]`` int64 device table of source addresses and vector flags (cached by address)."""
+    """``[2, Pg]`` int64 device table of source addresses and vector flags (cached by address).
+
+    A new table is written into the next slot of a ring of pinned host buffers and copied to the
+    matching device slot without blocking (a few microseconds); a slot is reused only once the
+    copy out of it has run (checked with its CUDA event, without waiting), else a fresh pinned
+    buffer is used.
+    """
     tab = group.tables.get(ptrs)
     if tab is not None:
         group.hits += 1
         return tab
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda":  # the Triton interpreter (tests)
+        flags = [int(v and p % 16 == 0) for v, p in zip(group.static_vec, ptrs)]
+        tab = torch.tensor([list(ptrs), flags], dtype=torch.int64).to(device)
+        group.tables[ptrs] = tab
+        return tab
+    if torch.cuda.is_current_stream_capturing():
         return None  # a host -> device copy inside a capture: use the twin instead
     group.misses += 1
-    flags = [int(v and p % 16 == 0) for v, p in zip(group.static_vec, ptrs)]
-    host = torch.tensor([list(ptrs), flags], dtype=torch.int64, pin_memory=device.type == "cuda")
-    tab = host.to(device, non_blocking=True)
+    if group.ring is None:
+        import numpy as np
+
+        Pg = len(group.members)
+        host = torch.zeros(_RING, 2, Pg, dtype=torch.int64, pin_memory=True)
+        group.ring = (host, host.numpy(), torch.zeros(_RING, 2, Pg, dtype=torch.int64, device=device),
+                      [None] * _RING, [None] * _RING, np.asarray(group.static_vec, dtype=bool))
+    host, host_np, dev, events, keys, static_vec = group.ring
+    i = group.ring_pos
+    ev = events[i]
+    if ev is not None and not ev.query():  # the copy out of this slot has not run yet
+        flags = [int(v and p % 16 == 0) for v, p in zip(group.static_vec, ptrs)]
+        pinned = torch.tensor([list(ptrs), flags], dtype=torch.int64, pin_memory=True)
+        tab = pinned.to(device, non_blocking=True)
+    else:
+        group.ring_pos = (i + 1) % _RING
+        if keys[i] is not None:
+            group.tables.pop(keys[i], None)
+        host_np[i, 0] = ptrs
+        host_np[i, 1] = static_vec & (host_np[i, 0] % 16 == 0)
+        tab = dev[i]
+        tab.copy_(host[i], non_blocking=True)
+        if ev is None:
+            ev = events[i] = torch.cuda.Event()
+        ev.record()
+        keys[i] = ptrs
     group.tables[ptrs] = tab
     if len(group.tables) > _TABLE_CACHE:
         group.tables.popitem(last=False)

@@ -24,8 +24,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["RowStats", "acc_dtype", "fill_row_reference", "fill_rows_reference", "segment_sq_norms",
-           "param_segment_ids", "check_inputs", "check_out"]
+__all__ = [
+    "RowStats",
+    "acc_dtype",
+    "check_inputs",
+    "check_out",
+    "fill_row_reference",
+    "fill_rows_reference",
+    "param_segment_ids",
+    "segment_sq_norms",
+]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,7 +96,7 @@ class RowStats(NamedTuple):
                         None if self.nonfinite is None else self.nonfinite[a:b])
 
 
-def param_segment_ids(layout, modules) -> Tensor:  # noqa: ANN001 - FlatLayout, modules
+def param_segment_ids(layout, modules) -> Tensor:
     """``[P]`` long tensor: for each shared parameter the index of the module that owns it, or -1.
 
     Args:
@@ -137,7 +145,7 @@ def segment_sq_norms(sq_norms: Tensor, param_segments: Tensor, num_segments: int
     return sq_norms @ member
 
 
-def check_inputs(layout, rows: Tensor, grads: Sequence[Tensor | None], block: bool) -> None:  # noqa: ANN001
+def check_inputs(layout, rows: Tensor, grads: Sequence[Tensor | None], block: bool) -> None:
     """Clear errors for a row (``block=False``: ``[D]``) or block of rows (``[R, D]``) and its grads."""
     what = "rows" if block else "row"
     if not isinstance(rows, Tensor) or not rows.is_floating_point():
@@ -181,7 +189,7 @@ def check_inputs(layout, rows: Tensor, grads: Sequence[Tensor | None], block: bo
                              f"{(*lead, *tuple(layout.shapes[i]))}")
 
 
-def check_out(layout, rows: Tensor, out: RowStats | None, block: bool) -> None:  # noqa: ANN001
+def check_out(layout, rows: Tensor, out: RowStats | None, block: bool) -> None:
     """Clear errors for ``out=`` buffers of the wrong shape, dtype or device."""
     if out is None:
         return
@@ -215,7 +223,7 @@ def _stats_of(views: list[Tensor], acc: torch.dtype, norms: bool, check: bool,
     return RowStats(sq, bad)
 
 
-def fill_row_reference(layout, row: Tensor, grads: Sequence[Tensor | None], *,  # noqa: ANN001
+def fill_row_reference(layout, row: Tensor, grads: Sequence[Tensor | None], *,
                        out: RowStats | None = None, norms: bool = True, check: bool = True) -> RowStats:
     """Row ``[D]`` <- the per-parameter gradients (cast to the row's dtype; ``None`` -> zeros),
     with per-parameter squared norms and non-finite counts of what was written.
@@ -256,7 +264,7 @@ def fill_row_reference(layout, row: Tensor, grads: Sequence[Tensor | None], *,  
     return _stats_of(views, acc_dtype(row.dtype), norms, check, out, (len(views),))
 
 
-def fill_rows_reference(layout, rows: Tensor, grads: Sequence[Tensor | None], *,  # noqa: ANN001
+def fill_rows_reference(layout, rows: Tensor, grads: Sequence[Tensor | None], *,
                         out: RowStats | None = None, norms: bool = True, check: bool = True) -> RowStats:
     """Block of rows ``[R, D]`` <- batched per-parameter gradients ``[R, *shape]`` (``None`` ->
     zeros), with ``[R, P]`` squared norms and non-finite counts.  See :func:`fill_row_reference`.
