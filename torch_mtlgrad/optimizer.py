@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._flat import FlatLayout
+from ._kernels import RowStats
 from .aggregators import Aggregator, Tensioned, WeightedAggregator, get
 from .capture import capture_batched, capture_feature, capture_loop, encoder_vjp, feature_gradients
 from .diagnostics import step_diagnostics
@@ -137,7 +138,9 @@ class MultiTaskOptimizer(Optimizer):
             each gradient's angle to the direction, the aggregator's own, e.g. ``c`` and
             ``delta`` for tensioners, and each plugin's tensor diagnostics as
             ``"<PluginClass>.<name>"``, e.g. ``"ConflictNoticing.conflict_pstar"``) into
-            :attr:`diagnostics`.  Costs one more ``J J^T``.
+            :attr:`diagnostics`.  Costs one more ``J J^T``.  With ``opt.backward`` the
+            diagnostics also hold ``param_grad_norms`` (``[T, P]``: the norm of each task's
+            gradient of each shared parameter, as captured, before plugins).
 
     Example:
         >>> import torch
@@ -234,6 +237,8 @@ class MultiTaskOptimizer(Optimizer):
         self._patch_step_function()
 
         self._J: Tensor | None = None  # [T, D] reused across steps
+        self._stats: RowStats | None = None  # [T, P] statistics of J's rows, reused likewise
+        self._stats_key: tuple[Any, ...] | None = None
         self._grad_flat: Tensor | None = None  # [D] flat .grad buffer of the shared parameters
         self._skip = False
         self._warned_zero: set[int] = set()
@@ -360,6 +365,19 @@ class MultiTaskOptimizer(Optimizer):
             self._J = torch.empty(T, self.layout.numel, dtype=dtype, device=self.layout.device)
         return self._J
 
+    def _stats_buffer(self, T: int) -> RowStats | None:
+        """Per-(task, parameter) NaN/Inf counts (checked modes) and squared norms (diagnostics),
+        filled while J is captured (on CUDA by the fused row kernel, in the same pass)."""
+        check, norms = self.nonfinite != "unchecked", self.compute_diagnostics
+        if not (check or norms):
+            return None
+        key = (T, self._work_dtype(), norms, check)
+        if self._stats is None or self._stats_key != key:
+            self._stats = RowStats.empty(len(self.layout.params), T, self._work_dtype(),
+                                         self.layout.device, norms=norms, check=check)
+            self._stats_key = key
+        return self._stats
+
     def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False,
                  features: Tensor | None = None) -> None:
         """Replace ``sum(losses).backward()``: capture each task's gradient of the shared
@@ -406,9 +424,10 @@ class MultiTaskOptimizer(Optimizer):
                          what="the shared features", grads=acc, params=specific)
             return
         J = self._buffer(len(losses))
-        acc = self._capture(mode, losses, features, specific, J, retain_graph)
+        stats = self._stats_buffer(len(losses))
+        acc = self._capture(mode, losses, features, specific, J, retain_graph, stats)
         self._finish(J, values, prior, lambda: self._write_specific(specific, acc), grads=acc,
-                     params=specific)
+                     params=specific, stats=stats)
 
     def _mode(self, features: Tensor | None) -> str:
         mode = self.capture
@@ -425,17 +444,19 @@ class MultiTaskOptimizer(Optimizer):
         return mode
 
     def _capture(self, mode: str, losses: list[Tensor], features: Tensor | None,
-                 specific: list[Tensor], J: Tensor, retain_graph: bool) -> list[Tensor | None]:
+                 specific: list[Tensor], J: Tensor, retain_graph: bool,
+                 stats: RowStats | None = None) -> list[Tensor | None]:
         if mode in ("batched", "feature"):
             # Until a batched pass has worked once, keep the graph so the loop can take over.
             keep = retain_graph or not self._batched_proven
             try:
                 if mode == "batched":
-                    acc = capture_batched(losses, self.layout, specific, J, keep, self.chunk_size)
+                    acc = capture_batched(losses, self.layout, specific, J, keep, self.chunk_size,
+                                          stats)
                 else:
                     assert features is not None
                     acc = capture_feature(losses, features, self.layout, specific, J, keep,
-                                          self.chunk_size)
+                                          self.chunk_size, stats)
                 self._batched_proven = True
             except (RuntimeError, NotImplementedError) as err:
                 if self._batched_proven:
@@ -449,7 +470,7 @@ class MultiTaskOptimizer(Optimizer):
                 if self.nonfinite != "unchecked":
                     self._warn_zero_rows(J)
                 return acc
-        acc, zero_rows = capture_loop(losses, self.layout, specific, J, retain_graph)
+        acc, zero_rows = capture_loop(losses, self.layout, specific, J, retain_graph, stats)
         for t in zero_rows:
             self._warn_zero(t)
         return acc
@@ -589,24 +610,32 @@ class MultiTaskOptimizer(Optimizer):
     def _finish(self, J: Tensor, values: Tensor | None, prior: list[Tensor | None],
                 write_specific: Callable[[], None] | None,
                 lift: Callable[[Tensor], Tensor] | None = None, what: str = "",
-                grads: list[Tensor | None] | None = None, params: list[Tensor] | None = None) -> bool:
+                grads: list[Tensor | None] | None = None, params: list[Tensor] | None = None,
+                stats: RowStats | None = None) -> bool:
         """Synchronise, check, transform, aggregate, write.  Returns False when the step is skipped.
 
         ``lift`` maps the aggregated direction to the shared parameters (representation mode,
         where ``J`` holds the gradients with respect to the features, described by ``what``).
         ``grads``: this step's task-specific gradients (of ``params``), for plugins'
         ``synchronize``, which may replace entries (``write_specific`` writes the list).
+        ``stats``: the rows' per-parameter statistics recorded during the capture: their NaN/Inf
+        counts replace a pass over ``J`` in the check (unless a plugin's ``synchronize`` changed
+        ``J`` since), their norms go into the diagnostics.
         """
         T = J.shape[0]
         if values is not None:
             values = values.to(J.dtype)
+        if stats is not None and any(callable(getattr(p, "synchronize", None))
+                                     for p in self.plugins):
+            stats = RowStats(stats.sq_norms, None)  # J changes in synchronize: count afresh
         self._synchronize(J, values, grads if grads is not None else [], params or [])
         scale = None
         if self.scaler is not None and self.scaler.is_enabled():
             scale = self.scaler.scale(torch.ones((), dtype=J.dtype, device=J.device))
             J.div_(scale)
         if self.nonfinite != "unchecked" or scale is not None:
-            bad = self._find_nonfinite(J, values, grads, params, lift, what)
+            bad = self._find_nonfinite(J, values, grads, params, lift, what,
+                                       None if stats is None else stats.nonfinite)
             if bad is not None and scale is not None:
                 # An overflow under GradScaler: NaN in .grad makes scaler.step() skip the step and
                 # scaler.update() lower the scale, as without us.  Aggregator and plugins untouched.
@@ -642,6 +671,9 @@ class MultiTaskOptimizer(Optimizer):
         self._skip = False
         if self.compute_diagnostics:
             diag = step_diagnostics(Jw, d, self.aggregator.weights)
+            if stats is not None and stats.sq_norms is not None:
+                sq = stats.sq_norms if scale is None else stats.sq_norms / scale.square()
+                diag["param_grad_norms"] = sq.sqrt()
             diag.update(self.aggregator.diagnostics)
             for plugin in self.plugins:  # e.g. "ConflictNoticing.conflict_pstar"
                 for k, v in (getattr(plugin, "diagnostics", None) or {}).items():
@@ -651,11 +683,14 @@ class MultiTaskOptimizer(Optimizer):
         return True
 
     def _find_nonfinite(self, J: Tensor, values: Tensor | None, grads: list[Tensor | None] | None,
-                        params: list[Tensor] | None, lift: Any, what: str) -> str | None:
+                        params: list[Tensor] | None, lift: Any, what: str,
+                        counts: Tensor | None = None) -> str | None:
         """The first NaN/Inf among the loss values, the rows of ``J`` and the task-specific
-        gradients, described for the error; ``None`` when all are finite (one host sync)."""
+        gradients, described for the error; ``None`` when all are finite (one host sync).
+        ``counts``: ``[T, P]`` NaN/Inf counts of ``J`` recorded during the capture (no pass
+        over ``J`` then)."""
         present = [(i, g) for i, g in enumerate(grads or ()) if g is not None]
-        ok = [torch.isfinite(J).all()]
+        ok = [torch.isfinite(J).all() if counts is None else counts.sum() == 0]
         if values is not None:
             ok.append(torch.isfinite(values).all())
         ok += [torch.isfinite(g).all() for _, g in present]
@@ -664,13 +699,16 @@ class MultiTaskOptimizer(Optimizer):
         if values is not None and not bool(torch.isfinite(values).all()):
             t = int((~torch.isfinite(values)).nonzero()[0])
             return f"loss of task {t} is not finite ({float(values[t])})"
-        finite = torch.isfinite(J).all(dim=1)
+        finite = torch.isfinite(J).all(dim=1) if counts is None else counts.sum(1) == 0
         if not bool(finite.all()):
             t = int((~finite).nonzero()[0])
             if lift is not None:
                 return f"task {t} has a non-finite gradient in {what}"
-            bad = next(self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
-                       if not bool(torch.isfinite(v).all()))
+            if counts is not None:
+                bad = self.layout.names[int(counts[t].nonzero()[0])]
+            else:
+                bad = next(self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
+                           if not bool(torch.isfinite(v).all()))
             return f"task {t} has a non-finite gradient in shared parameter {bad!r}"
         i = next(i for i, g in present if not bool(torch.isfinite(g).all()))
         shape = tuple(params[i].shape) if params else ()

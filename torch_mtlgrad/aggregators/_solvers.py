@@ -66,7 +66,9 @@ def nnqp(Q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: int | None 
         for _inner in range(max_iter):
             idx = np.flatnonzero(passive)
             z = np.zeros(n)
-            z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], -c[idx], rcond=None)[0]
+            # rcond drops directions that exist only through rounding (singular Q from dependent
+            # rows); without it those give huge, cancelling multipliers.
+            z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], -c[idx], rcond=1e-12)[0]
             if np.all(z[idx] > 0):
                 x = z
                 break

@@ -183,7 +183,9 @@ class Tensioned(Aggregator):
         diff_sq = (diag - 2 * Jv + vv).clamp_min(0)
         eps = torch.finfo(J.dtype).eps
         diff_n = diff_sq.sqrt()
-        keep = diff_sq > 16 * eps * (diag + vv)
+        # g_m = v up to rounding: rounding is relative to the largest vector around, not to g_m
+        # (a zero row against a numerically zero v would otherwise get a huge unit vector).
+        keep = diff_sq > 16 * eps * (diag.amax() + vv)
         a = torch.where(keep, c / diff_n.clamp_min(torch.finfo(J.dtype).tiny), torch.zeros_like(c))
         if self.scale == "relative":
             a = a * vv.sqrt()
