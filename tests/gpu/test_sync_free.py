@@ -16,8 +16,7 @@ sync check is ``tests/test_capture.py::test_sync_free_steps``.)
   state advances in Python (the tensioner's step counter, CoNAL's history position) cannot be
   replayed by a graph and are left out of the graph tests.
 
-Measured exceptions (strict xfails, with the place they sync): IMTL-G and, for graphs only,
-PCGrad; see ``IMTLG_SYNCS`` and ``PCGRAD_NO_GRAPH``.
+Measured exception (a strict xfail, with the place it syncs): IMTL-G; see ``IMTLG_SYNCS``.
 """
 
 from __future__ import annotations
@@ -57,14 +56,12 @@ METHODS = {
 }
 # Measured on an H100 (torch 2.11, CUDA 13): IMTL-G synchronises, in imtlg_weights
 # (torch_mtlgrad/aggregators/imtlg.py, ``torch.linalg.eigh(C)``: cuSOLVER's syevd reports its
-# ``info`` to the host), and that call cannot be captured in a CUDA graph either.  PCGrad's fixed
-# order is built on the CPU and copied to the GPU (pcgrad.py, ``_orders``): not a sync PyTorch
-# flags, but a pageable host -> device copy, which a graph capture refuses.  Strict xfails: they
-# turn into failures once those methods are fixed, so the marks get removed then.
+# ``info`` to the host), and that call cannot be captured in a CUDA graph either.  A strict
+# xfail: it turns into a failure once IMTL-G is fixed, so the mark gets removed then.  (PCGrad's
+# fixed order used to be built on the CPU and copied over, which a graph capture refuses; it is
+# now built on the device, and PCGrad is an ordinary graph case.)
 IMTLG_SYNCS = pytest.mark.xfail(strict=True, reason="IMTL-G syncs: torch.linalg.eigh in "
                                 "aggregators/imtlg.py imtlg_weights (cuSOLVER info check)")
-PCGRAD_NO_GRAPH = pytest.mark.xfail(strict=True, reason="PCGrad(order='fixed') copies its order from "
-                                    "the CPU (pcgrad.py _orders): illegal during graph capture")
 
 
 def sync_free_params():
@@ -73,7 +70,7 @@ def sync_free_params():
 
 def graph_params():
     out = [n for n in ("mean", "mgda-pgd", "central-pgd", "cagrad-closed-form-T2")]
-    return out + [pytest.param("pcgrad-fixed", marks=PCGRAD_NO_GRAPH), pytest.param("imtlg", marks=IMTLG_SYNCS)]
+    return out + ["pcgrad-fixed", pytest.param("imtlg", marks=IMTLG_SYNCS)]
 
 
 def batch(seed: int, tasks: int, device="cuda"):

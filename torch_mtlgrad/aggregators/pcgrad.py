@@ -107,14 +107,15 @@ class PCGrad(WeightedAggregator):
         self.order = order
         self.rng = RandomSource(generator, seed)
 
-    def _orders(self, T: int) -> Tensor:
+    def _orders(self, T: int, device: torch.device) -> Tensor:
         if self.order == "fixed":
-            return torch.arange(T).expand(T, T)
+            # Built on the device: no host-to-device copy, so the step can be a CUDA graph.
+            return torch.arange(T, device=device).expand(T, T)
         return torch.stack([self.rng.randperm(T) for _ in range(T)])
 
     def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
         assert G is not None
-        C, count = _project(G, self._orders(G.shape[0]))
+        C, count = _project(G, self._orders(G.shape[0], G.device))
         self.diagnostics = {"conflicts": count}
         return C.sum(dim=0)
 
