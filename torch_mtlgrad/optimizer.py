@@ -113,7 +113,11 @@ class MultiTaskOptimizer(Optimizer):
               aggregator combines the gradients with respect to ``z`` and the encoder is
               backpropagated once with the combined gradient.  Only for aggregators that read
               just the Gramian (and their ``+tension``); plugins on ``J`` cannot run in it.
-            * ``"auto"`` (default): ``"feature"`` when ``features=`` is given, else ``"loop"``.
+            * ``"auto"`` (default): the fastest measured exact mode for the device:
+              ``"feature"`` when ``features=`` is given and the shared parameters are on a GPU,
+              else ``"loop"``.  (ResNet-18, T = 40: on an H100 the feature mode took 71-77 ms per
+              step and the loop 200 ms; on a 2-core CPU, with a small conv net, the loop took
+              2.6 s and the feature mode 3.8 s; ``benchmarks/RESULTS.md``.)
 
             When a batched pass cannot run on a model (vmap limits), the step falls back to the
             loop with one warning, and stays on it.
@@ -432,7 +436,7 @@ class MultiTaskOptimizer(Optimizer):
     def _mode(self, features: Tensor | None) -> str:
         mode = self.capture
         if mode == "auto":
-            mode = "feature" if features is not None else "loop"
+            mode = "feature" if features is not None and self.layout.device.type == "cuda" else "loop"
         if mode in ("feature", "representation"):
             if features is None:
                 raise ValueError(f"capture={mode!r} needs the shared features: opt.backward(losses, "
