@@ -145,6 +145,36 @@ def _dist_version(name: str) -> str:
         return "?"
 
 
+def source_fingerprint() -> str:
+    """The torch_mtlgrad code that was measured: git commit (``+dirty`` when the package has
+    uncommitted changes) and a short hash of the package's ``.py`` files."""
+    import hashlib
+    import subprocess
+
+    import torch_mtlgrad
+
+    pkg = os.path.dirname(torch_mtlgrad.__file__)
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(pkg)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(root, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    commit = "?"
+    try:
+        top = os.path.dirname(pkg)
+        commit = subprocess.run(["git", "-C", top, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "-C", top, "status", "--porcelain", "--", pkg], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        if dirty:
+            commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{commit}, package sha256 {h.hexdigest()[:12]}"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,14 +293,27 @@ def _ours(capture: str, aggregator: str, features: bool, **kw: Any) -> Callable[
         opt = MultiTaskOptimizer(torch.optim.SGD(setup.parameters(), lr=0.0), shared=setup.encoder,
                                  aggregator=aggregator, capture=capture, **{"diagnostics": False, **kw})
 
+        last: dict[str, Tensor | None] = {"z": None}
+
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             z, losses = setup.forward()
             if features:
+                last["z"] = z
                 opt.backward(losses, features=z)
             else:
                 opt.backward(losses)
 
+        def describe() -> str:
+            # Which capture actually ran (capture="auto" resolves by device; a batched pass
+            # that fails falls back to the loop).  Private API, so best effort only.
+            try:
+                used = opt._mode(last["z"])  # noqa: SLF001
+            except Exception:
+                return ""
+            return "" if used == capture else f"capture={capture!r} ran as {used!r}"
+
+        step.describe = describe  # type: ignore[attr-defined]
         return step
 
     return build
@@ -547,8 +590,9 @@ def run_method(method: Method, setup: Setup, config: Config, device: torch.devic
         times = time_steps(step, config.steps, device)
     peak = memory.stop()
     grad = _flat_grads(setup.shared())
-    del step
-    seen: list[str] = []
+    describe = getattr(step, "describe", None)
+    seen: list[str] = [describe()] if callable(describe) and describe() else []
+    del step, describe
     for w in caught:
         msg = str(w.message).splitlines()[0][:100]
         if issubclass(w.category, (DeprecationWarning, FutureWarning)) or msg in seen:
@@ -583,6 +627,7 @@ def run_benchmark(config: Config, log: Callable[[str], None] | None = None) -> R
     """
     device = resolve_device(config.device)
     chosen = select_methods(config.methods)
+    source = source_fingerprint()
     memory = PeakMemory(device)
     jd = torchjd_version()
     rows: list[Row] = []
@@ -637,6 +682,7 @@ def run_benchmark(config: Config, log: Callable[[str], None] | None = None) -> R
         gc.collect()
     meta = {
         "device": _device_name(device),
+        "torch_mtlgrad": source,
         "torch": torch.__version__,
         "torchjd": jd or "not installed",
         "threads": str(torch.get_num_threads()) if device.type == "cpu" else "-",
