@@ -131,7 +131,7 @@ def test_conal_pro_recovers_the_planted_groups(setup: tuple[GroupedTasks, Branch
         pro.end_stage()
     res = pro.result()
     # Exact recovery depends on the seed (the example recovers (0,1,2,3),(4,5) at seeds 0 and 1 and
-    # not at 2; see benchmarks/RESULTS_conal.md).  What holds here: no group found mixes tasks of
+    # not at 2; see benchmarks/RESULTS.md, CoNAL section).  What holds here: no group found mixes tasks of
     # different planted groups, the minority group is found whole, and sharing is found at all.
     planted = {t: g for g, ts in enumerate(data.groups) for t in ts}
     for grp in res.groups:
