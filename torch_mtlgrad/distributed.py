@@ -92,21 +92,7 @@ def task_specific_parameters(optimizer: Any) -> list[Tensor]:
         >>> [tuple(p.shape) for p in task_specific_parameters(opt)]
         [(1, 3), (1,)]
     """
-    layout = optimizer.layout
-    seen = {id(p) for p in layout.params}
-    out: list[Tensor] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    for plugin in optimizer.plugins:
-        fn = getattr(plugin, "parameters", None)
-        for p in (fn() if callable(fn) else ()):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    return optimizer.task_specific_parameters()
 
 
 class JacobianAllReduce:

@@ -292,7 +292,9 @@ class MultiTaskOptimizer(Optimizer):
         raise TypeError(f"aggregator must be a name or an Aggregator, got {type(aggregator).__name__}")
 
     # -- Parameters --------------------------------------------------------------------------------
-    def _specific_params(self) -> list[Tensor]:
+    def task_specific_parameters(self) -> list[Tensor]:
+        """The tensors that receive the plain sum of the task gradients: every parameter the
+        wrapped optimizer holds that is not shared, then those that plugins list, in order."""
         seen = {id(p) for p in self.layout.params}
         out = []
         for group in self.optimizer.param_groups:
@@ -412,7 +414,7 @@ class MultiTaskOptimizer(Optimizer):
             return
         if scaling:
             losses = [self.scaler.scale(loss) for loss in losses]
-        specific = self._specific_params()
+        specific = self.task_specific_parameters()
         prior = [p.grad for p in self.layout.params]
         if mode == "representation":
             assert features is not None
@@ -590,7 +592,7 @@ class MultiTaskOptimizer(Optimizer):
             self._warn_zero_rows(J)
         values = torch.stack([losses[t] for t in range(T)]).to(J.dtype) if losses else None
         assert stash is not None
-        specific = self._specific_params()
+        specific = self.task_specific_parameters()
         grads = [p.grad for p in specific]
 
         def write_specific() -> None:
