@@ -37,8 +37,12 @@ Methods (row keys, selectable with ``--methods``):
 
 Measurement: one process, one model and batch per T; methods run in turn, each after a warm-up,
 then ``--steps`` timed steps (CUDA events on a GPU, ``time.perf_counter`` on the CPU); the table
-gives the median and the interquartile range.  ``--rounds R`` repeats the whole sequence R times
+gives the median and the interquartile range, and on the CPU also the median process CPU time
+(``time.process_time``), which other processes on a shared machine do not inflate: with one
+thread a row ran undisturbed when its wall and CPU times agree.  ``--threads 1`` is the setting
+to use on a busy machine (two OpenMP threads on two shared cores stall badly).  ``--rounds R`` repeats the whole sequence R times
 (each method rebuilt every round) and pools the steps, which evens out a shared machine's load.
+The report's header names the measured code (git commit and a hash of the package's sources).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the method's warm-up and steps
 (absolute: model, batch and activations included), reset before the method's state is built;
 on the CPU the growth of the process's peak resident set (Linux ``VmHWM``, reset through
@@ -66,6 +70,7 @@ import argparse
 import ctypes
 import datetime
 import gc
+import itertools
 import math
 import os
 import platform
@@ -141,7 +146,7 @@ def _dist_version(name: str) -> str:
         from importlib.metadata import version
 
         return version(name)
-    except Exception:  # pragma: no cover - metadata missing
+    except ImportError:  # PackageNotFoundError is one
         return "?"
 
 
@@ -165,9 +170,9 @@ def source_fingerprint() -> str:
     try:
         top = os.path.dirname(pkg)
         commit = subprocess.run(["git", "-C", top, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "?"
+                                text=True, timeout=10, check=False).stdout.strip() or "?"
         dirty = subprocess.run(["git", "-C", top, "status", "--porcelain", "--", pkg], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+                               text=True, timeout=10, check=False).stdout.strip()
         if dirty:
             commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
@@ -197,7 +202,7 @@ class ConvNet(nn.Module):
         super().__init__()
         chans = [in_channels, width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:]):
+        for a, b in itertools.pairwise(chans):
             layers += [nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(b),
                        nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -308,8 +313,8 @@ def _ours(capture: str, aggregator: str, features: bool, **kw: Any) -> Callable[
             # Which capture actually ran (capture="auto" resolves by device; a batched pass
             # that fails falls back to the loop).  Private API, so best effort only.
             try:
-                used = opt._mode(last["z"])  # noqa: SLF001
-            except Exception:
+                used = opt._mode(last["z"])
+            except (AttributeError, TypeError, ValueError, RuntimeError):
                 return ""
             return "" if used == capture else f"capture={capture!r} ran as {used!r}"
 
@@ -610,7 +615,7 @@ def prime(chosen: Sequence[Method], setup: Setup, torchjd_installed: bool) -> No
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 m.build(setup)()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - the measured pass runs it again and reports it
             pass
         setup.zero_grad()
     gc.collect()
@@ -655,7 +660,7 @@ def run_benchmark(config: Config, log: Callable[[str], None] | None = None) -> R
                     continue
                 try:
                     times, peak, grad, note = run_method(m, setup, config, device, memory)
-                except Exception as exc:  # a row that cannot run says why; the others go on
+                except Exception as exc:  # noqa: BLE001 - a failing row says why; the others go on
                     row.error = _short(exc)
                     setup.zero_grad()
                     if log:
