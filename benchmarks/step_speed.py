@@ -21,7 +21,8 @@ Methods (row keys, selectable with ``--methods``):
 * ``loop:<agg>``, ``batched:<agg>``, ``feature:<agg>`` for ``<agg>`` = ``mgda`` and
   ``central+tension``: :class:`torch_mtlgrad.MultiTaskOptimizer` with ``capture=`` that mode,
   ``diagnostics=False``.
-* ``auto:mgda``: the default exact mode (``capture="auto"`` with ``features=z``);
+* ``auto:mgda``: the default exact mode (``capture="auto"`` with ``features=z``; the note column
+  says which capture it ran as, e.g. the loop on the CPU);
   ``auto:mgda+diag`` the same with ``diagnostics=True`` (what diagnostics cost);
   ``auto:mgda+unchecked`` with ``nonfinite="unchecked"`` (no host-device sync for the finiteness
   check); ``auto:upgrad`` our UPGrad, to set beside TorchJD's.
@@ -40,8 +41,9 @@ then ``--steps`` timed steps (CUDA events on a GPU, ``time.perf_counter`` on the
 gives the median and the interquartile range, and on the CPU also the median process CPU time
 (``time.process_time``), which other processes on a shared machine do not inflate: with one
 thread a row ran undisturbed when its wall and CPU times agree.  ``--threads 1`` is the setting
-to use on a busy machine (two OpenMP threads on two shared cores stall badly).  ``--rounds R`` repeats the whole sequence R times
-(each method rebuilt every round) and pools the steps, which evens out a shared machine's load.
+to use on a busy machine (two OpenMP threads on two shared cores stall badly).  ``--rounds R``
+repeats the whole sequence R times (each method rebuilt every round) and pools the steps, which
+evens out a shared machine's load.
 The report's header names the measured code (git commit and a hash of the package's sources).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the method's warm-up and steps
 (absolute: model, batch and activations included), reset before the method's state is built;
@@ -61,7 +63,7 @@ Usage::
     python benchmarks/step_speed.py                      # the issue's setup (GPU if present)
     python benchmarks/step_speed.py --quick --threads 1  # CPU: smaller input, see --help
     python benchmarks/step_speed.py --methods sum,auto:mgda,torchjd:mgda --tasks 40 --rounds 3
-    python benchmarks/step_speed.py --out benchmarks/RESULTS_step_speed.md
+    python benchmarks/step_speed.py --out /tmp/step_speed.md     # also write the report
 """
 
 from __future__ import annotations
