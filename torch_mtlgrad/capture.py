@@ -135,25 +135,31 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequ
     """``Z`` ([T, *features.shape], row t = d loss_t / d features) and the summed specific grads.
 
     Only the part of the graph above ``features`` (the heads) is traversed; the graph below is kept.
-    One batched backward through the heads (``torch.vmap`` over one-hot weightings of the
-    losses); where that cannot run, one backward per task.
+    On CUDA one batched backward through the heads for the features (``torch.vmap`` over one-hot
+    weightings of the losses) and one plain backward for the heads' parameters; on the CPU, or
+    where vmap cannot run, one backward per task.
     """
     inputs = [features, *specific]
     acc: Acc = [None] * len(specific)
     T = len(losses)
-    try:
-        L = torch.stack([loss.reshape(()) for loss in losses])
-        eye = torch.eye(T, dtype=L.dtype, device=L.device)
-        grads = _batched_grad(L, inputs, eye, retain_graph=True)
-    except (RuntimeError, NotImplementedError):
-        grads = None
-    if grads is not None:
-        if grads[0] is None:
-            Z = torch.zeros((T, *features.shape), dtype=dtype, device=features.device)
-        else:
-            Z = grads[0].to(dtype)
-        _accumulate(acc, grads[1:], reduce_batch=True)
-        return Z, acc
+    if features.device.type == "cuda":
+        # Batched over tasks only for the features; the heads' parameters get their (summed)
+        # gradient from one ordinary backward, so the work does not grow with T^2.  On the CPU
+        # the per-task loop below measured cheaper (benchmarks/RESULTS.md, step speed).
+        try:
+            L = torch.stack([loss.reshape(()) for loss in losses])
+            eye = torch.eye(T, dtype=L.dtype, device=L.device)
+            zg = _batched_grad(L, [features], eye, retain_graph=True)[0]
+        except (RuntimeError, NotImplementedError):
+            zg = None
+            L = None
+        if L is not None:
+            Z = (torch.zeros((T, *features.shape), dtype=dtype, device=features.device)
+                 if zg is None else zg.to(dtype))
+            if specific:
+                _accumulate(acc, torch.autograd.grad(L.sum(), list(specific), retain_graph=True,
+                                                     allow_unused=True))
+            return Z, acc
     Z = torch.empty((T, *features.shape), dtype=dtype, device=features.device)
     for t, loss in enumerate(losses):
         grads = torch.autograd.grad(loss.reshape(()), inputs, retain_graph=True, allow_unused=True)
