@@ -24,8 +24,8 @@ Solvers for the dual (``method=``):
 * ``"cvxpy"`` (what ``"auto"`` uses for T > 2): the dual as a second-order cone program
   ``min b^T w + ||M w||`` (``M = sqrt(phi) L^T`` with ``G = L L^T``) solved by cvxpy with
   ``cvxpy_solver`` (default CLARABEL, which ships with cvxpy), in float64 on the CPU, then
-  polished by Newton steps on the KKT system over the solution's support (kept only when it
-  satisfies the KKT conditions and does not raise the objective): the interior-point answer
+  refined by an active-set Newton method on the KKT system, started from the solver's support
+  (kept only when it satisfies the KKT conditions and does not raise the objective): the interior-point answer
   alone is accurate to ~1e-5 in ``w*`` on flat duals, and ``d`` depends linearly on ``w*``.
   The problem is built once per task count with cvxpy parameters and re-solved.  A failed
   solve raises.
@@ -152,53 +152,71 @@ def _dual_objective(Gn: np.ndarray, b: np.ndarray, k: float, w: np.ndarray) -> f
     return float(w @ b + k * np.sqrt(max(float(w @ Gn @ w), 0.0)))
 
 
-def _polish(Gn: np.ndarray, b: np.ndarray, k: float, w: np.ndarray, iters: int = 10) -> np.ndarray:
-    """Newton steps on the KKT system of the dual restricted to the support of ``w``.
+def _polish(Gn: np.ndarray, b: np.ndarray, k: float, w: np.ndarray, iters: int = 60) -> np.ndarray:
+    """Active-set Newton refinement of the dual's minimiser, started from the solver's ``w``.
 
     An interior-point solution is accurate to ~1e-5 in ``w`` on flat duals, and ``d`` depends
-    linearly on ``w``.  On the support ``S`` the dual is smooth (``g_w != 0``) and its optimum
+    linearly on ``w``.  On a support ``S`` the dual is smooth (``g_w != 0``) and its optimum
     solves ``b_S + k G_SS w_S / ||g_w|| = mu 1``, ``1^T w_S = 1``; Newton converges in a few
-    steps.  The polished point is kept only if it stays on the simplex, satisfies the KKT
-    conditions off the support, and does not increase the objective.
+    steps.  A step that would leave the simplex stops at its boundary and drops the weight that
+    reaches zero; at a stationary point a weight off the support whose partial derivative is
+    below ``mu`` (a violated KKT condition) joins the support.  The refined point is kept only if
+    it satisfies the KKT conditions and does not increase the objective; otherwise ``w`` is
+    returned unchanged.
     """
+    T = w.size
+    tol = 1e-9 * (np.abs(b).max() + k)
     S = w > 1e-7
-    if S.sum() < 1:
+    if not S.any():
         return w
-    idx = np.flatnonzero(S)
-    ws = w[idx] / w[idx].sum()
-    Gs, bs = Gn[np.ix_(idx, idx)], b[idx]
-    m = idx.size
+    x = np.where(S, w, 0.0)
+    x /= x.sum()
     for _ in range(iters):
-        Gw = Gs @ ws
-        n = float(np.sqrt(max(ws @ Gw, 0.0)))
+        idx = np.flatnonzero(S)
+        m = idx.size
+        xs = x[idx]
+        Gs = Gn[np.ix_(idx, idx)]
+        Gw = Gs @ xs
+        n = float(np.sqrt(max(xs @ Gw, 0.0)))
         if n <= _DEGENERATE:
             return w
-        grad = bs + k * Gw / n
+        grad = b[idx] + k * Gw / n
         mu = float(grad.mean())
-        H = k * (Gs / n - np.outer(Gw, Gw) / n**3)
-        K = np.zeros((m + 1, m + 1))
-        K[:m, :m] = H
-        K[:m, m] = -1.0
-        K[m, :m] = 1.0
-        rhs = -np.concatenate([grad - mu, [ws.sum() - 1.0]])
-        step = np.linalg.lstsq(K, rhs, rcond=None)[0]
-        ws_new = ws + step[:m]
-        if np.any(ws_new < 0):
+        if np.abs(grad - mu).max() > tol:  # not stationary on S yet: a Newton step
+            H = k * (Gs / n - np.outer(Gw, Gw) / n**3)
+            K = np.zeros((m + 1, m + 1))
+            K[:m, :m] = H
+            K[:m, m] = -1.0
+            K[m, :m] = 1.0
+            rhs = -np.concatenate([grad - mu, [xs.sum() - 1.0]])
+            step = np.linalg.lstsq(K, rhs, rcond=None)[0][:m]
+            neg = step < 0
+            ratio = np.full(m, np.inf)
+            ratio[neg] = xs[neg] / -step[neg]
+            t = min(1.0, float(ratio.min()))
+            xs = xs + t * step
+            if t < 1.0:  # the step hit the boundary: drop the weight that reached zero
+                j = int(np.argmin(ratio))
+                xs[j] = 0.0
+                S[idx[j]] = False
+            xs = np.clip(xs, 0.0, None)
+            x = np.zeros(T)
+            x[idx] = xs / xs.sum()
+            S &= x > 0
+            continue
+        full = b + k * (Gn @ x) / n  # stationary on S: check the weights off the support
+        off = np.flatnonzero(~S)
+        if off.size == 0 or full[off].min() >= mu - tol:
             break
-        ws = ws_new
-        if np.abs(step[:m]).max() <= 1e-15:
-            break
-    cand = np.zeros_like(w)
-    cand[idx] = ws / ws.sum()
-    n = float(np.sqrt(max(cand @ Gn @ cand, 0.0)))
+        S[off[int(np.argmin(full[off]))]] = True
+    n = float(np.sqrt(max(x @ Gn @ x, 0.0)))
     if n <= _DEGENERATE:
         return w
-    grad = b + k * (Gn @ cand) / n
-    mu = float(grad[idx].mean())
-    tol = 1e-9 * (np.abs(b).max() + k)
-    kkt = np.abs(grad[idx] - mu).max() <= tol and np.all(grad[~S] >= mu - tol)
-    if kkt and _dual_objective(Gn, b, k, cand) <= _dual_objective(Gn, b, k, w) + 1e-15:
-        return cand
+    grad = b + k * (Gn @ x) / n
+    mu = float(grad[S].mean())
+    kkt = np.abs(grad[S] - mu).max() <= tol and np.all(grad[~S] >= mu - tol)
+    if kkt and _dual_objective(Gn, b, k, x) <= _dual_objective(Gn, b, k, w) + 1e-15:
+        return x
     return w
 
 
