@@ -22,7 +22,8 @@ Methods (row keys, selectable with ``--methods``):
   ``central+tension``: :class:`torch_mtlgrad.MultiTaskOptimizer` with ``capture=`` that mode,
   ``diagnostics=False``.
 * ``auto:mgda``: the default exact mode (``capture="auto"`` with ``features=z``; the note column
-  says which capture it ran as, e.g. the loop on the CPU);
+  says which capture it ran as: on the CPU the one it chose by timing its first steps, which
+  fall in the warm-up when ``--warmup`` is at least 6);
   ``auto:mgda+diag`` the same with ``diagnostics=True`` (what diagnostics cost);
   ``auto:mgda+unchecked`` with ``nonfinite="unchecked"`` (no host-device sync for the finiteness
   check); ``auto:upgrad`` our UPGrad, to set beside TorchJD's.
@@ -300,25 +301,21 @@ def _ours(capture: str, aggregator: str, features: bool, **kw: Any) -> Callable[
         opt = MultiTaskOptimizer(torch.optim.SGD(setup.parameters(), lr=0.0), shared=setup.encoder,
                                  aggregator=aggregator, capture=capture, **{"diagnostics": False, **kw})
 
-        last: dict[str, Tensor | None] = {"z": None}
-
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             z, losses = setup.forward()
             if features:
-                last["z"] = z
                 opt.backward(losses, features=z)
             else:
                 opt.backward(losses)
 
         def describe() -> str:
-            # Which capture actually ran (capture="auto" resolves by device; a batched pass
-            # that fails falls back to the loop).  Private API, so best effort only.
-            try:
-                used = opt._mode(last["z"])
-            except (AttributeError, TypeError, ValueError, RuntimeError):
+            # Which capture actually ran (capture="auto" resolves by device or by timing; a
+            # batched pass that fails falls back to the loop).
+            used = getattr(opt, "last_capture", None)
+            if used is None or used == capture:
                 return ""
-            return "" if used == capture else f"capture={capture!r} ran as {used!r}"
+            return f"capture={capture!r} ran as {used!r}"
 
         step.describe = describe  # type: ignore[attr-defined]
         return step

@@ -12,7 +12,7 @@ from torch import nn
 
 from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import Aggregator, Central, MinNorm, Tensioned, get
-from torch_mtlgrad.capture import chunks
+from torch_mtlgrad.capture import auto_chunk_size, available_memory, chunks
 
 T = 4
 
@@ -70,6 +70,39 @@ def test_exact_modes_match_the_loop(aggregator: str, capture: str, chunk) -> Non
 def test_chunks_cover_tasks() -> None:
     assert chunks(7, 3) == [(0, 3), (3, 6), (6, 7)]
     assert chunks(5, None) == [(0, 5)]
+
+
+def test_auto_chunk_size_from_free_memory(monkeypatch) -> None:
+    """``chunk_size="auto"``: all tasks at once when they fit, chunks when the probe reports little
+    free memory; J equal to the loop's either way."""
+    assert auto_chunk_size(10, 100, 4, None) is None  # unknown: all at once
+    assert auto_chunk_size(10, 100, 4, 10**6) is None
+    assert auto_chunk_size(10, 100, 4, 3200) == 2  # 1600 bytes of budget / 800 per task
+    assert auto_chunk_size(10, 100, 4, 10) == 1
+    assert available_memory(torch.device("cpu")) is None or available_memory(torch.device("cpu")) > 0
+    import torch_mtlgrad.optimizer as optmod
+
+    ref_model, ref = build("loop")
+    D = ref.layout.numel
+    real = optmod.capture_batched
+    for free, want in [(10**12, None), (2 * 2 * D * 4 * 3, 3), (1, 1)]:
+        monkeypatch.setattr(optmod, "available_memory", lambda device, free=free: free)
+        seen = []
+
+        def spy(*a, **k):
+            seen.append(a[5])  # chunk_size, positional
+            return real(*a, **k)
+
+        monkeypatch.setattr(optmod, "capture_batched", spy)
+        model, opt = build("batched", chunk_size="auto")
+        ref_model, ref = build("loop")
+        for i in range(2):
+            step(ref_model, ref, i, use_features=False)
+            step(model, opt, i, use_features=False)
+            assert torch.allclose(opt._J, ref._J, rtol=1e-4, atol=1e-6)
+        assert seen == [want, want]
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, 'auto' or None"):
+        build("batched", chunk_size="big")
 
 
 def explicit_representation_direction(model, x, ys, aggregator):

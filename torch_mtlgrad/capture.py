@@ -29,8 +29,8 @@ from torch import Tensor
 from ._flat import FlatLayout
 from ._kernels import RowStats, fill_row_fused, fill_rows_fused
 
-__all__ = ["capture_loop", "capture_batched", "capture_feature", "feature_gradients", "encoder_vjp",
-           "chunks"]
+__all__ = ["auto_chunk_size", "available_memory", "capture_batched", "capture_feature",
+           "capture_loop", "chunks", "encoder_vjp", "feature_gradients"]
 
 Acc = list[Tensor | None]
 
@@ -48,6 +48,46 @@ def chunks(T: int, chunk_size: int | None) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``range(T)`` in pieces of at most ``chunk_size``."""
     size = T if chunk_size is None else max(1, int(chunk_size))
     return [(a, min(T, a + size)) for a in range(0, T, size)]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can still get, or ``None`` if unknown.
+
+    CUDA: the device's free memory plus what PyTorch's caching allocator holds unused (no host
+    synchronisation).  CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux); ``None`` elsewhere.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def auto_chunk_size(num_tasks: int, numel: int, itemsize: int, available: int | None) -> int | None:
+    """Tasks per batched pass so that its batched gradients fit: ``None`` (all at once) when they
+    do, else the largest chunk whose estimate fits.
+
+    The estimate per task is twice the shared gradients' bytes (``2 * numel * itemsize``: the
+    batched parameter gradients plus as much again for the batched intermediate gradients), and
+    the budget half of ``available``.
+
+    Example:
+        >>> auto_chunk_size(40, 1_000_000, 4, available=10**10), auto_chunk_size(40, 1_000_000, 4, 10**8)
+        (None, 6)
+    """
+    if available is None:
+        return None
+    per_task = 2 * max(1, numel) * itemsize
+    k = int(0.5 * available) // per_task
+    return None if k >= num_tasks else max(1, k)
 
 
 def _want(stats: RowStats | None) -> dict[str, bool]:
@@ -82,11 +122,20 @@ def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tenso
     """Gradients of ``<outputs, grad_outputs[k]>`` for every ``k`` (batched along dim 0) with
     respect to ``inputs``: ``torch.vmap`` over ``autograd.grad``; ``None`` for unused inputs.
 
-    (``autograd.grad(..., is_grads_batched=True)`` runs on PyTorch's older internal vmap
-    (``torch._vmap_internals``); measured on an H100 with ResNet-18 and T = 40, the feature mode
-    took 162 ms per step with it and 71-85 ms with ``torch.vmap``, which is also what TorchJD
-    uses.)
+    Two implementations, chosen by device because each is the faster one there:
+
+    * CUDA: ``torch.vmap`` over ``autograd.grad`` (what TorchJD uses).  On an H100 with ResNet-18
+      and T = 40 the feature mode took 71-85 ms per step with it and 162 ms with
+      ``is_grads_batched``.
+    * CPU: ``autograd.grad(..., is_grads_batched=True)`` (PyTorch's internal batching rule per
+      backward op).  On the 2-core development CPU (built-in ConvNet, batch 64 of 3x64x64,
+      T = 40) the feature mode took 3.8 s and 1.4 GiB with it, 7.9 s and 1.9 GiB with
+      ``torch.vmap`` (``benchmarks/RESULTS.md``, step speed).
     """
+    if grad_outputs.device.type != "cuda":
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                                    allow_unused=True, is_grads_batched=True)
+        return tuple(grads)
     unused: list[int] = []
 
     def vjp(go: Tensor) -> tuple[Tensor, ...]:

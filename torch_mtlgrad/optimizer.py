@@ -13,6 +13,7 @@ This module orchestrates; the math lives in ``aggregators/``, ``diagnostics.py``
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,10 +24,19 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._autotune import CaptureTuner
 from ._flat import FlatLayout
-from ._kernels import RowStats
+from ._kernels import RowStats, triton_available
 from .aggregators import Aggregator, Tensioned, WeightedAggregator, get
-from .capture import capture_batched, capture_feature, capture_loop, encoder_vjp, feature_gradients
+from .capture import (
+    auto_chunk_size,
+    available_memory,
+    capture_batched,
+    capture_feature,
+    capture_loop,
+    encoder_vjp,
+    feature_gradients,
+)
 from .diagnostics import step_diagnostics
 from .plugins import plugin_state
 
@@ -113,16 +123,26 @@ class MultiTaskOptimizer(Optimizer):
               aggregator combines the gradients with respect to ``z`` and the encoder is
               backpropagated once with the combined gradient.  Only for aggregators that read
               just the Gramian (and their ``+tension``); plugins on ``J`` cannot run in it.
-            * ``"auto"`` (default): the fastest measured exact mode for the device:
-              ``"feature"`` when ``features=`` is given and the shared parameters are on a GPU,
-              else ``"loop"``.  (ResNet-18, T = 40: on an H100 the feature mode took 71-77 ms per
-              step and the loop 200 ms; on a 2-core CPU, with a small conv net, the loop took
-              2.6 s and the feature mode 3.8 s; ``benchmarks/RESULTS.md``.)
+            * ``"auto"`` (default): the fastest exact mode.  On a GPU: ``"feature"`` when
+              ``features=`` is given, else ``"loop"`` (ResNet-18, T = 40, H100: the feature mode
+              took 71-77 ms per step, the loop 200 ms; ``benchmarks/RESULTS.md``).  Elsewhere it
+              is measured, since neither wins everywhere on a CPU: the first steps (for each T)
+              alternate the loop and the batched pass (``"feature"`` given ``features=``, else
+              ``"batched"``), one untimed and two timed steps each, and the batched pass is kept
+              if its best capture time is below 0.9 of the loop's (see
+              :mod:`torch_mtlgrad._autotune`).  All modes give the same ``J`` up to float
+              rounding; the choice is in :attr:`capture_choices` and the ``state_dict``, and
+              :attr:`last_capture` names the mode the last step ran.  Pass a mode explicitly
+              for runs that must not depend on timing.
 
             When a batched pass cannot run on a model (vmap limits), the step falls back to the
             loop with one warning, and stays on it.
         chunk_size: batched modes process at most this many tasks per backward pass (bounds the
-            memory of the batched gradients to ``chunk_size x D``); ``None``: all at once.
+            memory of the batched gradients to ``chunk_size x D``); ``None``: all at once;
+            ``"auto"`` (default): all at once when the estimate of the batched pass's memory
+            (twice the shared gradients' bytes per task) fits in half the memory free on the
+            device when the first batched pass runs, else the largest chunk that does
+            (:func:`~torch_mtlgrad.capture.auto_chunk_size`).
         nonfinite: ``"raise"`` (default): a NaN/Inf loss or task gradient is an error naming the
             task (and the first bad parameter); ``"skip"``: that step is skipped (``step()`` does
             nothing), counted in ``skipped_steps`` and logged.  Either way parameters, optimizer
@@ -174,7 +194,7 @@ class MultiTaskOptimizer(Optimizer):
         plugins: Sequence[Any] = (),
         conflict_noticing: Sequence[nn.Module] | None = None,
         capture: str = "auto",
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = "auto",
         nonfinite: str = "raise",
         diagnostics: bool = True,
         scaler: Any = None,
@@ -187,8 +207,9 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if capture not in _CAPTURES:
             raise ValueError(f"capture must be one of {_CAPTURES}, got {capture!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None and chunk_size != "auto" and (
+                isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, 'auto' or None, got {chunk_size!r}")
         if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
             raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
         if scaler is not None and not (callable(getattr(scaler, "scale", None))
@@ -223,6 +244,10 @@ class MultiTaskOptimizer(Optimizer):
             self._check_representation()
         self._batched_failed = False
         self._batched_proven = False
+        self._tuner = CaptureTuner()
+        self._auto_chunks: dict[int, int | None] = {}
+        self._tuning: tuple[str, str, bool] | None = None
+        self.last_capture: str | None = None  # the capture mode the last step ran
         self.nonfinite = nonfinite
         self.scaler = scaler
         self.compute_diagnostics = diagnostics
@@ -268,6 +293,12 @@ class MultiTaskOptimizer(Optimizer):
     @state.setter
     def state(self, value: Any) -> None:
         self.optimizer.state = value
+
+    @property
+    def capture_choices(self) -> dict[str, str]:
+        """``capture="auto"`` off the GPU: the mode chosen by timing, per setting (T and the
+        batched candidate), e.g. ``{"T=3,batched": "loop"}``; empty until a choice is made."""
+        return self._tuner.choices
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -373,8 +404,15 @@ class MultiTaskOptimizer(Optimizer):
 
     def _stats_buffer(self, T: int) -> RowStats | None:
         """Per-(task, parameter) NaN/Inf counts (checked modes) and squared norms (diagnostics),
-        filled while J is captured (on CUDA by the fused row kernel, in the same pass)."""
-        check, norms = self.nonfinite != "unchecked", self.compute_diagnostics
+        filled while J is captured (on CUDA by the fused row kernel, in the same pass).
+
+        Off the Triton kernel the counts would cost two more passes over ``J`` and a ``[T, D]``
+        temporary, so there they are not recorded: :meth:`_find_nonfinite` pre-checks the row
+        sums instead (one read of ``J``) and looks closer only when one is not finite.
+        """
+        norms = self.compute_diagnostics
+        check = (self.nonfinite != "unchecked" and self.layout.device.type == "cuda"
+                 and triton_available())
         if not (check or norms):
             return None
         key = (T, self._work_dtype(), norms, check)
@@ -402,7 +440,7 @@ class MultiTaskOptimizer(Optimizer):
         losses = self._check_losses(losses)
         if self._hook_rows or self._in_task is not None:
             raise RuntimeError("backward() called while a legacy task() capture is pending")
-        mode = self._mode(features)
+        mode = self._mode(features, len(losses))
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
         # Checked before capture (the graph survives an error) unless ranks must first agree on
         # them (a plugin's synchronize) or GradScaler must see the overflow: then in _finish.
@@ -419,6 +457,7 @@ class MultiTaskOptimizer(Optimizer):
         if mode == "representation":
             assert features is not None
             Z, acc = feature_gradients(losses, features, specific, self._work_dtype())
+            self.last_capture = mode
             Z = Z.reshape(len(losses), -1)
 
             def lift(dz: Tensor) -> Tensor:
@@ -431,14 +470,37 @@ class MultiTaskOptimizer(Optimizer):
             return
         J = self._buffer(len(losses))
         stats = self._stats_buffer(len(losses))
-        acc = self._capture(mode, losses, features, specific, J, retain_graph, stats)
-        self._finish(J, values, prior, lambda: self._write_specific(specific, acc), grads=acc,
-                     params=specific, stats=stats)
+        # A batched pass spreads one task's NaN over every row of J (see docs/robustness.md);
+        # checked, it keeps the graph so that the loop can name the culprit if one turns up.
+        blame = mode in ("batched", "feature") and self.nonfinite != "unchecked"
+        start = time.perf_counter()
+        acc = self._capture(mode, losses, features, specific, J, retain_graph or blame, stats)
+        seconds = time.perf_counter() - start
 
-    def _mode(self, features: Tensor | None) -> str:
+        def recapture() -> None:
+            capture_loop(losses, self.layout, specific, J, retain_graph=True)
+
+        done = self._finish(J, values, prior, lambda: self._write_specific(specific, acc),
+                            grads=acc, params=specific, stats=stats,
+                            recapture=recapture if blame and self.last_capture != "loop" else None)
+        if done and self._tuning is not None:  # a skipped or failed step changes no state
+            key, tried, timed = self._tuning
+            if self._batched_failed:
+                self._tuner.decide(key, "loop")
+            else:
+                self._tuner.record(key, tried, seconds, timed)
+
+    def _mode(self, features: Tensor | None, num_tasks: int | None = None) -> str:
+        """The capture the next step runs (``num_tasks``: its T; needed for the timed choice)."""
         mode = self.capture
+        self._tuning = None
         if mode == "auto":
-            mode = "feature" if features is not None and self.layout.device.type == "cuda" else "loop"
+            if self.layout.device.type == "cuda" or not num_tasks or num_tasks < 2 or self._batched_failed:
+                mode = "feature" if features is not None and self.layout.device.type == "cuda" else "loop"
+            else:
+                key = self._tuner.key(num_tasks, features is not None)
+                mode, timed = self._tuner.mode(key)
+                self._tuning = (key, mode, timed)
         if mode in ("feature", "representation"):
             if features is None:
                 raise ValueError(f"capture={mode!r} needs the shared features: opt.backward(losses, "
@@ -456,13 +518,13 @@ class MultiTaskOptimizer(Optimizer):
             # Until a batched pass has worked once, keep the graph so the loop can take over.
             keep = retain_graph or not self._batched_proven
             try:
+                chunk = self._chunk(len(losses), J)
                 if mode == "batched":
-                    acc = capture_batched(losses, self.layout, specific, J, keep, self.chunk_size,
-                                          stats)
+                    acc = capture_batched(losses, self.layout, specific, J, keep, chunk, stats)
                 else:
                     assert features is not None
-                    acc = capture_feature(losses, features, self.layout, specific, J, keep,
-                                          self.chunk_size, stats)
+                    acc = capture_feature(losses, features, self.layout, specific, J, keep, chunk,
+                                          stats)
                 self._batched_proven = True
             except (RuntimeError, NotImplementedError) as err:
                 if self._batched_proven:
@@ -475,11 +537,24 @@ class MultiTaskOptimizer(Optimizer):
             else:
                 if self.nonfinite != "unchecked":
                     self._warn_zero_rows(J)
+                self.last_capture = mode
                 return acc
         acc, zero_rows = capture_loop(losses, self.layout, specific, J, retain_graph, stats)
+        self.last_capture = "loop"
         for t in zero_rows:
             self._warn_zero(t)
         return acc
+
+    def _chunk(self, num_tasks: int, J: Tensor) -> int | None:
+        """Tasks per batched pass: ``chunk_size``, or for ``"auto"`` the estimate of
+        :func:`~torch_mtlgrad.capture.auto_chunk_size` from the memory free when a batched pass
+        first runs with this T (then kept)."""
+        if self.chunk_size != "auto":
+            return self.chunk_size
+        if num_tasks not in self._auto_chunks:
+            self._auto_chunks[num_tasks] = auto_chunk_size(
+                num_tasks, self.layout.numel, J.element_size(), available_memory(J.device))
+        return self._auto_chunks[num_tasks]
 
     def _warn_zero_rows(self, J: Tensor) -> None:
         for t in (~(J != 0).any(dim=1)).nonzero().flatten().tolist():
@@ -587,6 +662,7 @@ class MultiTaskOptimizer(Optimizer):
         J = self._buffer(T)
         for t in range(T):
             J[t].copy_(rows[t])
+        self.last_capture = "task hooks"
         checked = self.nonfinite != "unchecked"
         if checked:
             self._warn_zero_rows(J)
@@ -617,7 +693,8 @@ class MultiTaskOptimizer(Optimizer):
                 write_specific: Callable[[], None] | None,
                 lift: Callable[[Tensor], Tensor] | None = None, what: str = "",
                 grads: list[Tensor | None] | None = None, params: list[Tensor] | None = None,
-                stats: RowStats | None = None) -> bool:
+                stats: RowStats | None = None,
+                recapture: Callable[[], None] | None = None) -> bool:
         """Synchronise, check, transform, aggregate, write.  Returns False when the step is skipped.
 
         ``lift`` maps the aggregated direction to the shared parameters (representation mode,
@@ -626,7 +703,8 @@ class MultiTaskOptimizer(Optimizer):
         ``synchronize``, which may replace entries (``write_specific`` writes the list).
         ``stats``: the rows' per-parameter statistics recorded during the capture: their NaN/Inf
         counts replace a pass over ``J`` in the check (unless a plugin's ``synchronize`` changed
-        ``J`` since), their norms go into the diagnostics.
+        ``J`` since), their norms go into the diagnostics.  ``recapture`` refills ``J`` by the
+        per-task loop, to name the task of a non-finite gradient after a batched capture.
         """
         T = J.shape[0]
         if values is not None:
@@ -653,6 +731,12 @@ class MultiTaskOptimizer(Optimizer):
                 self._skip = False
                 return True
             if bad is not None:
+                if recapture is not None and not any(
+                        callable(getattr(p, "synchronize", None)) for p in self.plugins):
+                    # J came from a batched pass: refill it by the loop (the graph was kept) to
+                    # name the task.  Only for the message: the decision is already made.
+                    recapture()
+                    bad = self._find_nonfinite(J, values, grads, params, lift, what) or bad
                 self._nonfinite(bad)
                 return False
         if self.aggregator.needs_losses and values is None:
@@ -696,10 +780,12 @@ class MultiTaskOptimizer(Optimizer):
         ``counts``: ``[T, P]`` NaN/Inf counts of ``J`` recorded during the capture (no pass
         over ``J`` then)."""
         present = [(i, g) for i, g in enumerate(grads or ()) if g is not None]
-        ok = [torch.isfinite(J).all() if counts is None else counts.sum() == 0]
+        # Without counts, a pre-check on the row sums: a NaN or Inf in a row makes its sum
+        # non-finite; a finite row whose sum overflows only sends us to the exact check below.
+        ok = [torch.isfinite(J.sum(dim=1)).all() if counts is None else counts.sum() == 0]
         if values is not None:
             ok.append(torch.isfinite(values).all())
-        ok += [torch.isfinite(g).all() for _, g in present]
+        ok += [torch.isfinite(g.sum()).all() for _, g in present]
         if bool(torch.stack([o.to(J.device) for o in ok]).all()):
             return None
         if values is not None and not bool(torch.isfinite(values).all()):
@@ -716,7 +802,9 @@ class MultiTaskOptimizer(Optimizer):
                 bad = next(self.layout.names[i] for i, v in enumerate(self.layout.views(J[t]))
                            if not bool(torch.isfinite(v).all()))
             return f"task {t} has a non-finite gradient in shared parameter {bad!r}"
-        i = next(i for i, g in present if not bool(torch.isfinite(g).all()))
+        i = next((i for i, g in present if not bool(torch.isfinite(g).all())), None)
+        if i is None:  # the pre-check flagged an overflowing sum of finite values
+            return None
         shape = tuple(params[i].shape) if params else ()
         return (f"the summed task gradient of task-specific parameter {i} (shape {shape}) is not "
                 "finite")
@@ -786,6 +874,7 @@ class MultiTaskOptimizer(Optimizer):
             "aggregator": self.aggregator.state_dict(),
             "plugins": [plugin_state(p) for p in self.plugins],
             "skipped_steps": self.skipped_steps,
+            "capture_tuning": self._tuner.state_dict(),
         }
         return sd
 
@@ -815,6 +904,11 @@ class MultiTaskOptimizer(Optimizer):
                 raise ValueError(f"checkpoint has {len(mine['plugins'])} plugins, this optimizer has "
                                  f"{len(self.plugins)}")
         # All or nothing: a part that fails to load rolls the others back.
+        if mine is not None and "capture_tuning" in mine:  # absent in older checkpoints
+            tuner = CaptureTuner()
+            tuner.load_state_dict(mine["capture_tuning"])
+        else:
+            tuner = self._tuner
         backup = (self.optimizer.state_dict(), self.aggregator.state_dict(),
                   [plugin_state(p) for p in self.plugins], self.num_tasks, self.skipped_steps)
         try:
@@ -828,6 +922,7 @@ class MultiTaskOptimizer(Optimizer):
                 if mine["num_tasks"] is not None:
                     self.num_tasks = mine["num_tasks"]
                 self.skipped_steps = int(mine.get("skipped_steps", 0))
+            self._tuner = tuner
         except Exception as err:
             self.optimizer.load_state_dict(backup[0])
             self.aggregator.load_state_dict(backup[1])

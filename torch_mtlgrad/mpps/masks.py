@@ -199,16 +199,19 @@ def bernoulli_log_prob(mask: Tensor, logits: Tensor) -> Tensor:
 def kl_bernoulli(q_logits: Tensor, p_logits: Tensor) -> Tensor:
     """Elementwise ``KL(B(q) || B(p))`` in closed form, both given by their logits.
 
-    ``q log(q / p) + (1 - q) log((1 - q) / (1 - p))``: zero iff ``q == p``, otherwise positive.
+    ``q log(q / p) + (1 - q) log((1 - q) / (1 - p))``: zero iff ``q == p``, otherwise positive
+    (clamped at 0 against rounding when ``q`` and ``p`` nearly match).
 
     Example:
         >>> kl_bernoulli(logit(torch.tensor([0.5, 0.9])), logit(torch.tensor([0.5, 0.5])))
         tensor([0.0000, 0.3681])
     """
     q = torch.sigmoid(q_logits)
-    return q * (_logsigmoid(q_logits) - _logsigmoid(p_logits)) + (1.0 - q) * (
+    kl = q * (_logsigmoid(q_logits) - _logsigmoid(p_logits)) + (1.0 - q) * (
         _logsigmoid(-q_logits) - _logsigmoid(-p_logits)
     )
+    # The two terms cancel when q ~ p; rounding can then leave -1e-17 (found by hypothesis).
+    return kl.clamp_min(0.0)
 
 
 def kl_gaussian(q_logits: Tensor, p_logits: Tensor) -> Tensor:
@@ -223,7 +226,7 @@ def kl_gaussian(q_logits: Tensor, p_logits: Tensor) -> Tensor:
         tensor([0.0000, 0.8069])
     """
     x = p_logits - q_logits
-    return 0.5 * (torch.expm1(x) - x)
+    return (0.5 * (torch.expm1(x) - x)).clamp_min(0.0)  # >= 0 exactly; rounding near x = 0
 
 
 def kl_divergence(family: Family, q_logits: Tensor, p_logits: Tensor) -> Tensor:
