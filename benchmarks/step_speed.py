@@ -27,7 +27,11 @@ Methods (row keys, selectable with ``--methods``):
   ``auto:mgda+diag`` the same with ``diagnostics=True`` (what diagnostics cost);
   ``auto:mgda+unchecked`` with ``nonfinite="unchecked"`` (no host-device sync for the finiteness
   check); ``auto:upgrad`` our UPGrad, to set beside TorchJD's.
-* ``representation:mgda``: the representation-gradient approximation (MGDA-UB style).
+* ``representation:mgda``: the representation-gradient approximation (MGDA-UB style);
+  ``representation:mgda-pgd`` with the fixed-iteration on-device min-norm solver
+  (``MinNorm(method="pgd")``) instead of the exact host solver.
+* ``feature:mgda+chunk8``: the feature mode in batched passes of at most 8 tasks (memory
+  against speed).
 * ``torchjd:mgda``, ``torchjd:upgrad``: TorchJD 0.18 ``autojac.mtl_backward(losses, features=z)``
   then ``autojac.jac_to_grad(shared, MGDA() / UPGrad())``, with ``shared_params`` and
   ``tasks_params`` passed explicitly (no graph search per step).  Rows are marked "not installed"
@@ -91,6 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch_mtlgrad import MultiTaskOptimizer
+from torch_mtlgrad.aggregators import get as get_aggregator
 
 Step = Callable[[], None]
 
@@ -296,10 +301,12 @@ def _sum_step(setup: Setup) -> Step:
     return step
 
 
-def _ours(capture: str, aggregator: str, features: bool, **kw: Any) -> Callable[[Setup], Step]:
+def _ours(capture: str, aggregator: str, features: bool, agg_kw: dict[str, Any] | None = None,
+          **kw: Any) -> Callable[[Setup], Step]:
     def build(setup: Setup) -> Step:
+        agg = get_aggregator(aggregator, **agg_kw) if agg_kw else aggregator
         opt = MultiTaskOptimizer(torch.optim.SGD(setup.parameters(), lr=0.0), shared=setup.encoder,
-                                 aggregator=aggregator, capture=capture, **{"diagnostics": False, **kw})
+                                 aggregator=agg, capture=capture, **{"diagnostics": False, **kw})
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -418,6 +425,11 @@ def methods() -> list[Method]:
         Method("auto:upgrad", "ours default, upgrad", _ours("auto", "upgrad", True)),
         Method("representation:mgda", "ours representation, mgda (approx.)",
                _ours("representation", "mgda", True), ref="loop:mgda", exact=False),
+        Method("representation:mgda-pgd", "ours representation, mgda pgd solver (approx.)",
+               _ours("representation", "mgda", True, agg_kw={"method": "pgd"}), ref="loop:mgda",
+               exact=False),
+        Method("feature:mgda+chunk8", "ours feature, mgda, chunk_size=8",
+               _ours("feature", "mgda", True, chunk_size=8), ref="loop:mgda"),
         Method("torchjd:mgda", "TorchJD mtl_backward + jac_to_grad, MGDA", _torchjd("mgda"),
                ref="loop:mgda", family="torchjd"),
         Method("torchjd:upgrad", "TorchJD mtl_backward + jac_to_grad, UPGrad", _torchjd("upgrad"),

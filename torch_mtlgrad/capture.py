@@ -29,7 +29,7 @@ from torch import Tensor
 from ._flat import FlatLayout
 from ._kernels import RowStats, fill_row_fused, fill_rows_fused
 
-__all__ = ["auto_chunk_size", "available_memory", "capture_batched", "capture_feature",
+__all__ = ["auto_chunk_size", "available_memory", "batched_shared_grads", "capture_batched", "capture_feature",
            "capture_loop", "chunks", "encoder_vjp", "feature_gradients"]
 
 Acc = list[Tensor | None]
@@ -54,9 +54,11 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation on ``device`` can still get, or ``None`` if unknown.
 
     CUDA: the device's free memory plus what PyTorch's caching allocator holds unused (no host
-    synchronisation).  CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux); ``None`` elsewhere.
+    synchronisation; ``None`` while a CUDA graph is being captured).  CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux); ``None`` elsewhere.
     """
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():  # no driver queries inside a CUDA graph
+            return None
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type != "cpu":
@@ -177,6 +179,28 @@ def capture_batched(losses: Sequence[Tensor], layout: FlatLayout, specific: Sequ
         _write_columns(layout, J, a, b, grads[:n], stats)
         _accumulate(acc, grads[n:], reduce_batch=True)
     return acc
+
+
+def batched_shared_grads(losses: Sequence[Tensor], layout: FlatLayout, specific: Sequence[Tensor],
+                         features: Tensor | None = None,
+                         retain_graph: bool = False) -> tuple[list[Tensor | None], Acc]:
+    """Every task's gradient of each shared parameter, batched (``[T, *shape]``, ``None`` if no
+    task reaches it), from one batched pass without writing ``J``; and the summed specific grads.
+
+    With ``features`` the pass is the feature mode's (heads per task, then one batched VJP
+    through the encoder), else the batched mode's.  The blocks are ``J``'s columns parameter by
+    parameter: the optimizer's Gramian path reads ``G`` and ``d = w^T J`` from them directly.
+    """
+    T = len(losses)
+    n = len(layout.params)
+    if features is None:
+        L = torch.stack([loss.reshape(()) for loss in losses])
+        grads = _batched_grad(L, [*layout.params, *specific], _selector(0, T, T, L), retain_graph)
+        acc: Acc = [None] * len(specific)
+        _accumulate(acc, grads[n:], reduce_batch=True)
+        return list(grads[:n]), acc
+    Z, acc = feature_gradients(losses, features, specific, features.dtype)
+    return list(_batched_grad(features, layout.params, Z, retain_graph)), acc
 
 
 def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequence[Tensor],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_matrix", "angles_to", "step_diagnostics"]
+__all__ = ["angles_to", "cosine_matrix", "gramian_step_diagnostics", "step_diagnostics"]
 
 
 def _safe(x: Tensor) -> Tensor:
@@ -59,3 +59,25 @@ def step_diagnostics(J: Tensor, d: Tensor, weights: Tensor | None) -> dict[str, 
     if weights is not None:
         out["weights"] = weights
     return out
+
+
+def gramian_step_diagnostics(G: Tensor, weights: Tensor) -> dict[str, Tensor]:
+    """:func:`step_diagnostics` for ``d = w^T J`` from ``G = J J^T`` and ``w`` alone:
+    ``J d = G w`` and ``||d||^2 = w^T G w``.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]]); w = torch.tensor([0.5, 0.5])
+        >>> a, b = gramian_step_diagnostics(J @ J.T, w), step_diagnostics(J, w @ J, w)
+        >>> all(torch.allclose(a[k], b[k]) for k in b)
+        True
+    """
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    Gw = G @ weights
+    d_norm = (weights @ Gw).clamp_min(0).sqrt()
+    return {
+        "grad_norms": norms,
+        "cosine": cosine_matrix(G),
+        "angle": angles_to(Gw, norms, d_norm),
+        "direction_norm": d_norm,
+        "weights": weights,
+    }

@@ -26,18 +26,19 @@ from torch.optim import Optimizer
 
 from ._autotune import CaptureTuner
 from ._flat import FlatLayout
-from ._kernels import RowStats, triton_available
+from ._kernels import RowStats, fill_rows_fused, triton_available
 from .aggregators import Aggregator, Tensioned, WeightedAggregator, get
 from .capture import (
     auto_chunk_size,
     available_memory,
+    batched_shared_grads,
     capture_batched,
     capture_feature,
     capture_loop,
     encoder_vjp,
     feature_gradients,
 )
-from .diagnostics import step_diagnostics
+from .diagnostics import gramian_step_diagnostics, step_diagnostics
 from .plugins import plugin_state
 
 __all__ = ["MultiTaskOptimizer", "NonFiniteError"]
@@ -468,27 +469,113 @@ class MultiTaskOptimizer(Optimizer):
             self._finish(Z, values, prior, lambda: self._write_specific(specific, acc), lift=lift,
                          what="the shared features", grads=acc, params=specific)
             return
-        J = self._buffer(len(losses))
-        stats = self._stats_buffer(len(losses))
+        T = len(losses)
         # A batched pass spreads one task's NaN over every row of J (see docs/robustness.md);
         # checked, it keeps the graph so that the loop can name the culprit if one turns up.
         blame = mode in ("batched", "feature") and self.nonfinite != "unchecked"
         start = time.perf_counter()
-        acc = self._capture(mode, losses, features, specific, J, retain_graph or blame, stats)
+        blocks = J = stats = None
+        if mode in ("batched", "feature") and self._gramian_ok(T):
+            got = self._try_batched(mode, lambda keep: batched_shared_grads(
+                losses, self.layout, specific, features if mode == "feature" else None, keep),
+                retain_graph or blame)
+            if got is None:
+                mode = "loop"
+            else:
+                blocks, acc = got
+        if blocks is None:
+            J = self._buffer(T)
+            stats = self._stats_buffer(T)
+            acc = self._capture(mode, losses, features, specific, J, retain_graph or blame, stats)
         seconds = time.perf_counter() - start
 
-        def recapture() -> None:
-            capture_loop(losses, self.layout, specific, J, retain_graph=True)
+        def recapture(into: Tensor) -> None:
+            capture_loop(losses, self.layout, specific, into, retain_graph=True)
 
-        done = self._finish(J, values, prior, lambda: self._write_specific(specific, acc),
-                            grads=acc, params=specific, stats=stats,
-                            recapture=recapture if blame and self.last_capture != "loop" else None)
+        use_blame = blame and self.last_capture != "loop"
+        write = lambda: self._write_specific(specific, acc)  # noqa: E731
+        if blocks is not None:
+            done = self._finish_gramian(blocks, values, prior, write, acc, specific,
+                                        recapture if use_blame else None)
+        else:
+            assert J is not None
+            done = self._finish(J, values, prior, write, grads=acc, params=specific, stats=stats,
+                                recapture=(lambda: recapture(J)) if use_blame else None)
         if done and self._tuning is not None:  # a skipped or failed step changes no state
             key, tried, timed = self._tuning
             if self._batched_failed:
                 self._tuner.decide(key, "loop")
             else:
                 self._tuner.record(key, tried, seconds, timed)
+
+    def _gramian_ok(self, num_tasks: int) -> bool:
+        """Whether a batched step can skip ``J``: the aggregator's direction is ``w^T J`` with
+        weights that read only the Gramian (``gramian_only``) or nothing of ``J`` (fixed or
+        loss-based weightings), no plugin reads ``J``, one dtype, and the batched pass runs in
+        one piece (no chunks)."""
+        agg = self.aggregator
+        return (isinstance(agg, WeightedAggregator) and not self.plugins
+                and self.layout.dtype is not None and self._chunk(num_tasks) is None)
+
+    def _finish_gramian(self, blocks: list[Tensor | None], values: Tensor, prior: list[Tensor | None],
+                        write_specific: Callable[[], None], grads: list[Tensor | None],
+                        params: list[Tensor], recapture: Callable[[Tensor], None] | None) -> bool:
+        """:meth:`_finish` without ``J``: ``G`` is the sum over shared parameters of their
+        ``[T, n_i]`` gradient blocks' Gramians and ``d``, per parameter, ``w^T`` times its block.
+
+        A non-finite value (or a zero row, for the warning) is found from ``G``; only then is
+        ``J`` built (from the blocks, or by the loop to name the task) and the step handed to
+        :meth:`_finish`, which raises, skips or logs exactly as in the other captures.
+        """
+        T = values.shape[0]
+        wd = self._work_dtype()
+        mats = [None if g is None else g.reshape(T, -1).to(wd) for g in blocks]
+        G = torch.zeros(T, T, dtype=wd, device=self.layout.device)
+        for m in mats:
+            if m is not None:
+                G.addmm_(m, m.T)
+        lw = values.to(wd)
+        scaling = self.scaler is not None and self.scaler.is_enabled()
+        if scaling:
+            # The blocks hold scale * gradients: G / scale^2 is the unscaled Gramian and w^T
+            # blocks the scaled direction that scaler.step() unscales (both exact for the
+            # power-of-two scales GradScaler uses: the same bits as the path through J).
+            scale = self.scaler.scale(torch.ones((), dtype=wd, device=G.device))
+            G = G / scale.square()
+        if self.nonfinite != "unchecked" or scaling:
+            ok = [torch.isfinite(G).all(), torch.isfinite(lw).all()]
+            ok += [torch.isfinite(g.sum()) for g in grads if g is not None]
+            if not bool(torch.stack([o.to(G.device) for o in ok]).all()):
+                J = self._buffer(T)  # _finish names the culprit, or lets GradScaler skip
+                if recapture is not None and not scaling:
+                    recapture(J)
+                else:
+                    fill_rows_fused(self.layout, J, blocks, norms=False, check=False)
+                return self._finish(J, values, prior, write_specific, grads=grads, params=params)
+            if self.nonfinite != "unchecked":
+                for t in (torch.diagonal(G) == 0).nonzero().flatten().tolist():
+                    self._warn_zero(t)
+        agg = self.aggregator
+        assert isinstance(agg, WeightedAggregator)
+        # The weighting reads G (gramian_only) or nothing of J: G stands in for J's shape.
+        w = agg.weighting(G, G if agg.gramian_only else None, lw)
+        agg.weights = w
+        parts = [torch.zeros(n, dtype=wd, device=G.device) if m is None else w @ m
+                 for m, n in zip(mats, self.layout.numels)]
+        d = torch.cat(parts)
+        if self.num_tasks is None:
+            self.num_tasks = T
+        self._write_shared(d, prior)
+        write_specific()
+        self._skip = False
+        if self.compute_diagnostics:
+            diag = gramian_step_diagnostics(G, w)
+            norms = torch.stack([torch.zeros(T, dtype=wd, device=G.device) if m is None
+                                 else m.norm(dim=1) for m in mats], dim=1)
+            diag["param_grad_norms"] = norms / scale if scaling else norms
+            diag.update(agg.diagnostics)
+            self.diagnostics = {k: v.detach() for k, v in diag.items()}
+        return True
 
     def _mode(self, features: Tensor | None, num_tasks: int | None = None) -> str:
         """The capture the next step runs (``num_tasks``: its T; needed for the timed choice)."""
@@ -511,33 +598,41 @@ class MultiTaskOptimizer(Optimizer):
             mode = "loop"
         return mode
 
+    def _try_batched(self, mode: str, run: Callable[[bool], Any], retain_graph: bool) -> Any:
+        """``run(keep_graph)`` for a batched capture; ``None`` when the batched pass cannot run on
+        this model (first time only: one warning, then the loop for good)."""
+        # Until a batched pass has worked once, keep the graph so the loop can take over.
+        keep = retain_graph or not self._batched_proven
+        try:
+            out = run(keep)
+        except (RuntimeError, NotImplementedError) as err:
+            if self._batched_proven:
+                raise
+            self._batched_failed = True
+            warnings.warn(f"capture={mode!r} cannot run on this model ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); falling back to the per-task loop",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        self._batched_proven = True
+        self.last_capture = mode
+        return out
+
     def _capture(self, mode: str, losses: list[Tensor], features: Tensor | None,
                  specific: list[Tensor], J: Tensor, retain_graph: bool,
                  stats: RowStats | None = None) -> list[Tensor | None]:
         if mode in ("batched", "feature"):
-            # Until a batched pass has worked once, keep the graph so the loop can take over.
-            keep = retain_graph or not self._batched_proven
-            try:
-                chunk = self._chunk(len(losses), J)
+            chunk = self._chunk(len(losses))
+
+            def run(keep: bool) -> list[Tensor | None]:
                 if mode == "batched":
-                    acc = capture_batched(losses, self.layout, specific, J, keep, chunk, stats)
-                else:
-                    assert features is not None
-                    acc = capture_feature(losses, features, self.layout, specific, J, keep, chunk,
-                                          stats)
-                self._batched_proven = True
-            except (RuntimeError, NotImplementedError) as err:
-                if self._batched_proven:
-                    raise
-                self._batched_failed = True
-                warnings.warn(f"capture={mode!r} cannot run on this model ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]}); falling back to the per-task loop",
-                              RuntimeWarning, stacklevel=3)
-                mode = "loop"
-            else:
+                    return capture_batched(losses, self.layout, specific, J, keep, chunk, stats)
+                assert features is not None
+                return capture_feature(losses, features, self.layout, specific, J, keep, chunk, stats)
+
+            acc = self._try_batched(mode, run, retain_graph)
+            if acc is not None:
                 if self.nonfinite != "unchecked":
                     self._warn_zero_rows(J)
-                self.last_capture = mode
                 return acc
         acc, zero_rows = capture_loop(losses, self.layout, specific, J, retain_graph, stats)
         self.last_capture = "loop"
@@ -545,7 +640,7 @@ class MultiTaskOptimizer(Optimizer):
             self._warn_zero(t)
         return acc
 
-    def _chunk(self, num_tasks: int, J: Tensor) -> int | None:
+    def _chunk(self, num_tasks: int) -> int | None:
         """Tasks per batched pass: ``chunk_size``, or for ``"auto"`` the estimate of
         :func:`~torch_mtlgrad.capture.auto_chunk_size` from the memory free when a batched pass
         first runs with this T (then kept)."""
@@ -553,7 +648,8 @@ class MultiTaskOptimizer(Optimizer):
             return self.chunk_size
         if num_tasks not in self._auto_chunks:
             self._auto_chunks[num_tasks] = auto_chunk_size(
-                num_tasks, self.layout.numel, J.element_size(), available_memory(J.device))
+                num_tasks, self.layout.numel, torch.empty((), dtype=self._work_dtype()).element_size(),
+                available_memory(self.layout.device))
         return self._auto_chunks[num_tasks]
 
     def _warn_zero_rows(self, J: Tensor) -> None:
