@@ -560,12 +560,24 @@ class MultiTaskOptimizer(Optimizer):
         # The weighting reads G (gramian_only) or nothing of J: G stands in for J's shape.
         w = agg.weighting(G, G if agg.gramian_only else None, lw)
         agg.weights = w
-        parts = [torch.zeros(n, dtype=wd, device=G.device) if m is None else w @ m
-                 for m, n in zip(mats, self.layout.numels)]
-        d = torch.cat(parts)
+        layout = self.layout
         if self.num_tasks is None:
             self.num_tasks = T
-        self._write_shared(d, prior)
+        if layout.dtype == wd and all(g is None for g in prior):
+            # Straight into the flat .grad buffer, parameter by parameter: no [D] temporary.
+            buf = self._grad_flat
+            if buf is None or buf.dtype != layout.dtype:
+                buf = self._grad_flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+            for m, o, n in zip(mats, layout.offsets, layout.numels):
+                if m is None:
+                    buf[o : o + n].zero_()
+                else:
+                    torch.mm(w[None], m, out=buf[o : o + n][None])
+            for p, v in zip(layout.params, layout.views(buf)):
+                p.grad = v
+        else:
+            self._write_shared(torch.cat([torch.zeros(n, dtype=wd, device=G.device) if m is None
+                                          else w @ m for m, n in zip(mats, layout.numels)]), prior)
         write_specific()
         self._skip = False
         if self.compute_diagnostics:
