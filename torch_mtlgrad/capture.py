@@ -9,7 +9,9 @@
   (cheap: only the heads), then one batched vector-Jacobian product through the encoder.  Exact
   when the losses depend on the shared parameters only through ``z``.
 
-and, for the representation-gradient mode, :func:`feature_gradients` (the ``[T, F]`` matrix of
+and :func:`batched_shared_grads`, the batched pass's per-parameter gradient blocks without ``J``
+(the optimizer's Gramian path for weighting aggregators), and, for the representation-gradient
+mode, :func:`feature_gradients` (the ``[T, F]`` matrix of
 gradients with respect to ``z``) and :func:`encoder_vjp` (one backward through the encoder).
 
 All of them give the same ``J`` as the loop (tested); task-specific tensors get the sum of their

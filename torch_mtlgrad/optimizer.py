@@ -137,7 +137,12 @@ class MultiTaskOptimizer(Optimizer):
               for runs that must not depend on timing.
 
             When a batched pass cannot run on a model (vmap limits), the step falls back to the
-            loop with one warning, and stays on it.
+            loop with one warning, and stays on it.  A batched or feature step in one piece whose
+            aggregator is a weighting (a :class:`~torch_mtlgrad.aggregators.WeightedAggregator`,
+            ``d = w^T J``) and that runs no plugin never builds ``J``: ``G`` is summed from the
+            per-parameter gradient blocks of the batched pass and ``d = w^T`` block is written
+            per parameter (the same step up to float rounding, tested; ``J`` is built only when
+            a non-finite value must be traced to its task).
         chunk_size: batched modes process at most this many tasks per backward pass (bounds the
             memory of the batched gradients to ``chunk_size x D``); ``None``: all at once;
             ``"auto"`` (default): all at once when the estimate of the batched pass's memory
