@@ -152,3 +152,39 @@ def test_project_simplex_matches_cvxpy(values: list[float]) -> None:
     solve(prob)
     # The projection is unique; ours must be at least as close to v as cvxpy's point.
     assert float((p - v).pow(2).sum()) <= prob.value + 1e-7 * max(1.0, prob.value)
+
+
+@settings(max_examples=80, deadline=None)
+@given(J=jacobians(max_tasks=10), other=jacobians(max_tasks=10), seed=st.integers(0, 2**16),
+       guess=st.sampled_from(["previous", "random", "all", "wrong size"]))
+def test_warm_started_active_set_equals_cold(J: torch.Tensor, other: torch.Tensor, seed: int,
+                                             guess: str) -> None:
+    """A remembered support is only a first guess: whatever it is (the last problem's, a random
+    or a full one, or one of another size), the warm solve gives the cold solve's direction (the
+    weights themselves may differ where the optimum is not unique, e.g. 0 in the hull), for
+    min-norm and for the dual cone."""
+    T = J.shape[0]
+    G = J @ J.T
+    gen = np.random.default_rng(seed)
+    if guess == "previous":
+        warm: dict = {}
+        min_norm_weights(other @ other.T, warm=warm)
+    elif guess == "random":
+        warm = {"support": gen.random(T) < 0.5}
+    elif guess == "all":
+        warm = {"support": np.ones(T, dtype=bool)}
+    else:
+        warm = {"support": np.ones(T + 1, dtype=bool)}
+    scale = max(float(J.norm(dim=1).max()), 1e-300)
+    cold = min_norm_weights(G)
+    hot = min_norm_weights(G, warm=warm)
+    assert float((hot @ J - cold @ J).norm()) <= 1e-9 * scale
+    assert torch.equal(min_norm_weights(G, warm=warm), hot)  # again, from its own support
+    if T > 2:  # (T = 2 has a closed form: no active set)
+        assert np.array_equal(warm["support"], (hot > 0).numpy())
+    v = torch.as_tensor(gen.standard_normal((J.shape[1], 2)), dtype=J.dtype) * scale
+    wd: dict = {0: {"support": gen.random(T) < 0.5}}
+    d_hot = v + J.T @ dual_cone_weights(G, J @ v, warm=wd)  # the projections of v's columns
+    d_cold = v + J.T @ dual_cone_weights(G, J @ v)
+    assert float((d_hot - d_cold).norm()) <= 1e-8 * scale
+    assert set(wd) == {0, 1}

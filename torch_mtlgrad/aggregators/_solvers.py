@@ -43,17 +43,56 @@ log = logging.getLogger(__name__)
 MinNormMethod = Literal["auto", "active-set", "closed-form", "cvxpy", "pgd"]
 
 
-def nnqp(Q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: int | None = None) -> np.ndarray:
+def _support_solution(Q: np.ndarray, c: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The least-squares stationary point of the problem restricted to the indices ``idx``."""
+    z = np.zeros(c.shape[0])
+    # rcond drops directions that exist only through rounding (singular Q from dependent rows);
+    # without it those give huge, cancelling multipliers.
+    z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], -c[idx], rcond=1e-12)[0]
+    return z
+
+
+def nnqp(Q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: int | None = None,
+         warm: dict | None = None) -> np.ndarray:
     """Solve ``min_{x >= 0} 1/2 x^T Q x + c^T x`` for a symmetric PSD ``Q`` (float64 numpy).
 
     Lawson-Hanson active-set iterations in Gram form.  ``tol`` is relative to the problem's scale.
+
+    ``warm``: a dict kept by the caller between solves of related problems (consecutive training
+    steps).  Its ``"support"`` (from the last solve) is tried first: when the stationary point on
+    that support is positive and no index off it may enter (the method's own stopping test), it
+    is the solution, from one least-squares solve instead of one per active-set change.  It is
+    the same point, to the bit, that the cold iterations end on whenever they end on that
+    support.  Otherwise the cold iterations run.  The new support is written back.
+
+    Example:
+        >>> Q, c = np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([-2.0, 1.0])
+        >>> warm = {}
+        >>> nnqp(Q, c, warm=warm), warm["support"]
+        (array([1., 0.]), array([ True, False]))
+        >>> nnqp(Q, c, warm=warm)   # this time from the remembered support
+        array([1., 0.])
     """
     Q = np.asarray(Q, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
     n = c.shape[0]
     scale = max(1.0, float(np.abs(Q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)))
     eps = tol * scale * n
-    max_iter = max_iter if max_iter is not None else 5 * n + 50
+    start = None if warm is None else warm.get("support")
+    if start is not None and start.shape == (n,) and start.any():
+        idx = np.flatnonzero(start)
+        z = _support_solution(Q, c, idx)
+        if np.all(z[idx] > 0) and not (~start & (-(Q @ z + c) > eps)).any():
+            warm["support"] = z > 0
+            return np.maximum(z, 0.0)
+    x = _nnqp_cold(Q, c, eps, max_iter if max_iter is not None else 5 * n + 50)
+    if warm is not None:
+        warm["support"] = x > 0
+    return x
+
+
+def _nnqp_cold(Q: np.ndarray, c: np.ndarray, eps: float, max_iter: int) -> np.ndarray:
+    n = c.shape[0]
     x = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
     grad_neg = -(Q @ x + c)
@@ -65,10 +104,7 @@ def nnqp(Q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: int | None 
         passive[j] = True
         for _inner in range(max_iter):
             idx = np.flatnonzero(passive)
-            z = np.zeros(n)
-            # rcond drops directions that exist only through rounding (singular Q from dependent
-            # rows); without it those give huge, cancelling multipliers.
-            z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], -c[idx], rcond=1e-12)[0]
+            z = _support_solution(Q, c, idx)
             if np.all(z[idx] > 0):
                 x = z
                 break
@@ -103,7 +139,8 @@ def _min_norm_two(G: Tensor) -> Tensor:
     return torch.stack([w1, 1 - w1])
 
 
-def min_norm_weights(G: Tensor, method: MinNormMethod = "auto", *, iters: int = 250) -> Tensor:
+def min_norm_weights(G: Tensor, method: MinNormMethod = "auto", *, iters: int = 250,
+                     warm: dict | None = None) -> Tensor:
     """Weights ``w*`` of the min-norm element of the convex hull of the rows of ``J``.
 
     ``w* = argmin_{w in simplex} w^T G w`` (tensioner paper eq. 2; MGDA).  Methods:
@@ -113,6 +150,8 @@ def min_norm_weights(G: Tensor, method: MinNormMethod = "auto", *, iters: int = 
     * ``"active-set"``: exact (float64, CPU; synchronises), see :func:`nnqp`.
     * ``"cvxpy"``: exact, through cvxpy's default QP solver.
     * ``"pgd"``: ``iters`` steps of projected gradient on the device (approximate, sync-free).
+
+    ``warm``: for the active-set method, a dict the caller keeps between steps (see :func:`nnqp`).
 
     Returns weights on ``G``'s device and dtype, summing to 1.
 
@@ -148,7 +187,7 @@ def min_norm_weights(G: Tensor, method: MinNormMethod = "auto", *, iters: int = 
     if s <= 0.0:
         return torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
     Q = G64 / s + 1.0
-    x = nnqp(Q, -np.ones(T))
+    x = nnqp(Q, -np.ones(T), warm=warm)
     total = x.sum()
     if total <= 0:  # cannot happen for a PSD G; kept as a guard
         raise RuntimeError("min-norm solver failed: the active-set method returned x = 0")
@@ -212,12 +251,13 @@ def min_norm_weights_pgd(G: Tensor, iters: int = 250) -> Tensor:
     return w
 
 
-def dual_cone_weights(G: Tensor, b: Tensor) -> Tensor:
+def dual_cone_weights(G: Tensor, b: Tensor, warm: dict | None = None) -> Tensor:
     """``lam = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T b`` (exact, float64 active set).
 
     With ``b = J v`` this is the dual of projecting ``v`` onto ``{d : J d >= 0}``: the projection
     is ``d = v + J^T lam``.  ``b`` may be ``[T]`` or ``[T, K]`` (one problem per column; the
-    result has the same shape).
+    result has the same shape).  ``warm``: a dict the caller keeps between steps, one warm start
+    per column (see :func:`nnqp`).
 
     Example:
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -235,7 +275,8 @@ def dual_cone_weights(G: Tensor, b: Tensor) -> Tensor:
     out = np.zeros_like(B64)
     if s > 0.0 and np.isfinite(s):
         for k in range(B64.shape[1]):
-            out[:, k] = nnqp(G64 / s, B64[:, k] / s)
+            out[:, k] = nnqp(G64 / s, B64[:, k] / s,
+                             warm=None if warm is None else warm.setdefault(k, {}))
     elif not np.isfinite(s):
         raise ValueError("G has non-finite entries")
     res = torch.as_tensor(out, dtype=G.dtype, device=G.device)

@@ -52,12 +52,15 @@ class DualProj(WeightedAggregator):
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()
+        # Last supports of the active-set solves: a speed-only cache (each warm start is
+        # verified, see _solvers.nnqp), so it is not part of the state.
+        self._warm: dict = {}
         self.pref_vector = pref_vector
 
     def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
         assert G is not None
         p = check_pref_vector(self.pref_vector, G.shape[0], G)
-        lam = dual_cone_weights(G, G @ p)
+        lam = dual_cone_weights(G, G @ p, warm=self._warm)
         self.diagnostics = {"lam": lam}
         return p + lam
 

@@ -58,6 +58,9 @@ class MinNorm(WeightedAggregator):
     def __init__(self, normalization: Normalization = "none", method: MinNormMethod = "auto",
                  iters: int = 250) -> None:
         super().__init__()
+        # Last supports of the active-set solves: a speed-only cache (each warm start is
+        # verified, see _solvers.nnqp), so it is not part of the state.
+        self._warm: dict = {}
         if normalization not in _NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
@@ -72,7 +75,7 @@ class MinNorm(WeightedAggregator):
         assert G is not None
         scale = self._scales(G, losses)
         Gs = G / (scale[:, None] * scale[None, :])
-        w = min_norm_weights(Gs, self.method, iters=self.iters)
+        w = min_norm_weights(Gs, self.method, iters=self.iters, warm=self._warm)
         self.diagnostics = {"simplex_weights": w, "scales": scale}
         return w / scale
 

@@ -72,13 +72,16 @@ class UPGrad(WeightedAggregator):
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()
+        # Last supports of the active-set solves: a speed-only cache (each warm start is
+        # verified, see _solvers.nnqp), so it is not part of the state.
+        self._warm: dict = {}
         self.pref_vector = pref_vector
 
     def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
         assert G is not None
         p = check_pref_vector(self.pref_vector, G.shape[0], G)
         # Column i of B is J (p_i g_i) = p_i G[:, i]: one dual problem per row.
-        lam = dual_cone_weights(G, G * p[None, :])
+        lam = dual_cone_weights(G, G * p[None, :], warm=self._warm)
         self.diagnostics = {"lam": lam}
         return p + lam.sum(dim=1)
 
