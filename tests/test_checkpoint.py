@@ -266,7 +266,35 @@ MALFORMED = {
     "skipped_str": lambda sd: sd["mtlgrad"].__setitem__("skipped_steps", "many"),
     "history_str": lambda sd: sd["mtlgrad"]["aggregator"].__setitem__("history", "x"),
     "no_param_groups": lambda sd: sd.pop("param_groups"),
+    "names_int": lambda sd: sd["mtlgrad"].__setitem__("shared_names", 5),
+    "names_short": lambda sd: sd["mtlgrad"]["shared_names"].pop(),
+    "names_other": lambda sd: sd["mtlgrad"]["shared_names"].reverse(),
 }
+
+
+def test_shared_parameter_names_are_checked_when_both_sides_have_them() -> None:
+    """Same shapes under other names (another module, or another order) are refused; positional
+    names (``shared=`` an iterable) and checkpoints from before the names load as before."""
+
+    class AB(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def opt_for(shared, params):
+        return MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), shared=shared, aggregator="mean")
+
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ab = AB()
+    sd = opt_for(seq, seq.parameters()).state_dict()
+    assert sd["mtlgrad"]["shared_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    with pytest.raises(ValueError, match=r"shared parameter 0 is '0.weight', this optimizer's is "
+                                         r"'a.weight'"):
+        opt_for(ab, ab.parameters()).load_state_dict(copy.deepcopy(sd))
+    opt_for(list(ab.parameters()), ab.parameters()).load_state_dict(copy.deepcopy(sd))  # positional
+    old = copy.deepcopy(sd)
+    del old["mtlgrad"]["shared_names"]
+    opt_for(ab, ab.parameters()).load_state_dict(old)
 
 
 @needs_atomic_load

@@ -73,9 +73,18 @@ def _check_checkpoint(mine: Any) -> None:
         raise TypeError("checkpoint's aggregator_type must be a str and aggregator a dict")
     if not (isinstance(mine["plugins"], (list, tuple)) and all(isinstance(p, dict) for p in mine["plugins"])):
         raise TypeError("checkpoint's plugins must be a list of dicts")
+    names = mine.get("shared_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+                                  and len(names) == len(shapes)):
+        raise TypeError("checkpoint's shared_names must be a list of str, one per shared shape")
     k = mine.get("skipped_steps", 0)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"checkpoint's skipped_steps must be an int >= 0, got {k!r}")
+
+
+def _named(names: Sequence[str]) -> bool:
+    """Whether shared-parameter names come from a module (``shared=`` a module), not positions."""
+    return not any(n.startswith("shared[") for n in names)
 
 
 def _resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
@@ -978,11 +987,13 @@ class MultiTaskOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict plus ours under ``"mtlgrad"``: the aggregator's and
-        plugins' state, T, and the shared parameters' shapes (checked on load)."""
+        plugins' state, T, the shared parameters' shapes and names (checked on load), and the
+        ``capture="auto"`` timing choices."""
         sd = self.optimizer.state_dict()
         sd[_STATE_KEY] = {
             "num_tasks": self.num_tasks,
             "shared_shapes": [tuple(s) for s in self.layout.shapes],
+            "shared_names": list(self.layout.names),
             "aggregator_type": type(self.aggregator).__name__,
             "aggregator": self.aggregator.state_dict(),
             "plugins": [plugin_state(p) for p in self.plugins],
@@ -1006,6 +1017,14 @@ class MultiTaskOptimizer(Optimizer):
                     f"checkpoint has {len(shapes)} shared parameters with shapes {shapes[:4]}..., this "
                     f"optimizer has {len(self.layout.shapes)} with shapes "
                     f"{[tuple(s) for s in self.layout.shapes][:4]}...: different shared parameters"
+                )
+            names = mine.get("shared_names")  # absent in older checkpoints
+            if names is not None and _named(names) and _named(self.layout.names) \
+                    and list(names) != list(self.layout.names):
+                diff = next(i for i, (a, b) in enumerate(zip(names, self.layout.names)) if a != b)
+                raise ValueError(
+                    f"checkpoint's shared parameter {diff} is {names[diff]!r}, this optimizer's is "
+                    f"{self.layout.names[diff]!r}: different shared parameters (or another order)"
                 )
             if mine["num_tasks"] is not None and self.num_tasks is not None and mine["num_tasks"] != self.num_tasks:
                 raise ValueError(f"checkpoint was made with {mine['num_tasks']} tasks, this optimizer has "
