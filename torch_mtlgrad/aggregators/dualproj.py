@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._base import WeightedAggregator
 from ._solvers import dual_cone_weights
-from .upgrad import check_pref_vector
+from .upgrad import ConeWeighting
 
 __all__ = ["DualProj"]
 
 
-class DualProj(WeightedAggregator):
+class DualProj(ConeWeighting):
     """DualProj: ``d = pi_J(p^T J)``, the projection of the mean gradient onto ``{x : J x >= 0}``.
 
     Computed from the Gramian ``G = J J^T`` only.
@@ -48,21 +47,9 @@ class DualProj(WeightedAggregator):
         tensor([0.0000, 0.5000])
     """
 
-    gramian_only = True
-
-    def __init__(self, pref_vector: Tensor | None = None) -> None:
-        super().__init__()
-        # Last supports of the active-set solves: a speed-only cache (each warm start is
-        # verified, see _solvers.nnqp), so it is not part of the state.
-        self._warm: dict = {}
-        self.pref_vector = pref_vector
-
     def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
         assert G is not None
-        p = check_pref_vector(self.pref_vector, G.shape[0], G)
+        p = self._pref(G)
         lam = dual_cone_weights(G, G @ p, warm=self._warm)
         self.diagnostics = {"lam": lam}
         return p + lam
-
-    def __repr__(self) -> str:
-        return f"DualProj(pref_vector={self.pref_vector!r})"

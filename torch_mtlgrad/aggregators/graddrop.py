@@ -31,13 +31,12 @@ An element where every task's gradient is 0 gets ``P = 1/2`` (no 0/0; it contrib
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._base import Aggregator
-from .rlw import RandomSource
+from .rlw import RandomSource, SeededState
 
 __all__ = ["GradDrop", "sign_purity"]
 
@@ -62,7 +61,7 @@ def _purity(pos: Tensor, neg: Tensor) -> Tensor:
     return 0.5 * (1 + ratio)
 
 
-class GradDrop(Aggregator):
+class GradDrop(SeededState, Aggregator):
     """Gradient sign dropout (GradDrop, eq. 1 and Algorithm 1) on the rows of ``J``.
 
     Args:
@@ -143,15 +142,6 @@ class GradDrop(Aggregator):
         self.diagnostics = {"positive_fraction": keep_pos.to(J.dtype).mean(),
                             "purity_mean": P.mean()}
         return d
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.rng.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.load_state_dict(state)
-
-    def reset(self) -> None:
-        self.rng.reset()
 
     def __repr__(self) -> str:
         leak = float(self.leak[0]) if self._scalar_leak else self.leak.tolist()

@@ -19,13 +19,13 @@ device (the orders are drawn on the generator's device, by default the CPU, and 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
-from .rlw import RandomSource
+from .rlw import RandomSource, SeededState
 
 __all__ = ["PCGrad", "pcgrad_weights"]
 
@@ -69,7 +69,7 @@ def _project(G: Tensor, perms: Tensor) -> tuple[Tensor, Tensor]:
     return C, count
 
 
-class PCGrad(WeightedAggregator):
+class PCGrad(SeededState, WeightedAggregator):
     """Projecting conflicting gradients (PCGrad, Algorithm 1): ``d = sum_i g_i^PC``.
 
     Args:
@@ -118,15 +118,6 @@ class PCGrad(WeightedAggregator):
         C, count = _project(G, self._orders(G.shape[0], G.device))
         self.diagnostics = {"conflicts": count}
         return C.sum(dim=0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.rng.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.load_state_dict(state)
-
-    def reset(self) -> None:
-        self.rng.reset()
 
     def __repr__(self) -> str:
         return f"PCGrad(order={self.order!r})"

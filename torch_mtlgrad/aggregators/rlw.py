@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._base import WeightedAggregator
 
-__all__ = ["RLW", "RandomSource"]
+__all__ = ["RLW", "RandomSource", "SeededState"]
 
 Distribution = Literal["uniform", "normal"]
 
@@ -99,7 +99,23 @@ class RandomSource:
         self.generator.set_state(self._initial_state)
 
 
-class RLW(WeightedAggregator):
+class SeededState:
+    """Mixin for aggregators whose only state is their :class:`RandomSource` ``self.rng``:
+    ``state_dict``/``load_state_dict``/``reset`` are the generator's."""
+
+    rng: RandomSource
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rng.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.load_state_dict(state)
+
+    def reset(self) -> None:
+        self.rng.reset()
+
+
+class RLW(SeededState, WeightedAggregator):
     """Random loss weighting: ``d = w^T J`` with fresh random weights each call (Lin et al. 2022).
 
     Args:
@@ -141,15 +157,6 @@ class RLW(WeightedAggregator):
         # sum(u) = 0 has probability ~2^-24T; fall back to uniform weights there (no 0/0).
         return torch.where(total > 0, u / total.clamp_min(torch.finfo(J.dtype).tiny),
                            torch.full_like(u, 1.0 / T))
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.rng.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.load_state_dict(state)
-
-    def reset(self) -> None:
-        self.rng.reset()
 
     def __repr__(self) -> str:
         return f"RLW(distribution={self.distribution!r})"

@@ -29,7 +29,7 @@ from torch import Tensor
 from ._base import WeightedAggregator
 from ._solvers import dual_cone_weights
 
-__all__ = ["UPGrad", "check_pref_vector"]
+__all__ = ["ConeWeighting", "UPGrad", "check_pref_vector"]
 
 
 def check_pref_vector(pref_vector: Tensor | None, T: int, like: Tensor) -> Tensor:
@@ -46,7 +46,26 @@ def check_pref_vector(pref_vector: Tensor | None, T: int, like: Tensor) -> Tenso
     return p
 
 
-class UPGrad(WeightedAggregator):
+class ConeWeighting(WeightedAggregator):
+    """Shared part of UPGrad and DualProj: a preference vector ``p`` and the dual-cone solver's
+    warm starts (the last supports of its active-set solves: a speed-only cache, each warm start
+    verified, see :func:`~torch_mtlgrad.aggregators._solvers.nnqp`, so not part of the state)."""
+
+    gramian_only = True
+
+    def __init__(self, pref_vector: Tensor | None = None) -> None:
+        super().__init__()
+        self._warm: dict = {}
+        self.pref_vector = pref_vector
+
+    def _pref(self, G: Tensor) -> Tensor:
+        return check_pref_vector(self.pref_vector, G.shape[0], G)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pref_vector={self.pref_vector!r})"
+
+
+class UPGrad(ConeWeighting):
     """UPGrad (Quinton and Rey, 2024): ``d = sum_i p_i pi_J(g_i)``, ``pi_J`` onto ``{x: Jx >= 0}``.
 
     Computed from the Gramian ``G = J J^T`` only.
@@ -68,22 +87,10 @@ class UPGrad(WeightedAggregator):
         tensor([0.2500, 0.5000])
     """
 
-    gramian_only = True
-
-    def __init__(self, pref_vector: Tensor | None = None) -> None:
-        super().__init__()
-        # Last supports of the active-set solves: a speed-only cache (each warm start is
-        # verified, see _solvers.nnqp), so it is not part of the state.
-        self._warm: dict = {}
-        self.pref_vector = pref_vector
-
     def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
         assert G is not None
-        p = check_pref_vector(self.pref_vector, G.shape[0], G)
+        p = self._pref(G)
         # Column i of B is J (p_i g_i) = p_i G[:, i]: one dual problem per row.
         lam = dual_cone_weights(G, G * p[None, :], warm=self._warm)
         self.diagnostics = {"lam": lam}
         return p + lam.sum(dim=1)
-
-    def __repr__(self) -> str:
-        return f"UPGrad(pref_vector={self.pref_vector!r})"
