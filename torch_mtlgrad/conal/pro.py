@@ -38,6 +38,7 @@ from ..aggregators import Aggregator
 from ..optimizer import MultiTaskOptimizer
 from .conflict import ConflictNoticing
 from .derive import Architecture, Branch, BranchedNetwork
+from .search import first_order_alpha_step
 
 __all__ = ["ProResult", "ProStage", "ProgressiveSearch"]
 
@@ -272,13 +273,7 @@ class ProgressiveSearch:
         losses = list(val_losses)
         if len(losses) != len(self._remaining):
             raise ValueError(f"expected {len(self._remaining)} losses (tasks {self._remaining}), got {len(losses)}")
-        loss = torch.stack([v.reshape(()) for v in losses]).mean()
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"validation loss is not finite ({float(loss.detach())}); alpha not updated")
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=[self.space.alpha])
-        self.alpha_optimizer.step()
-        return loss.detach()
+        return first_order_alpha_step(losses, self.space.alpha, self.alpha_optimizer)
 
     def weight_step(self, train_losses: Sequence[Tensor]) -> None:
         """Lower-level step with conflict noticing on the decision module (and group chain)."""

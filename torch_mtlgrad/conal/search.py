@@ -29,13 +29,27 @@ from ..optimizer import MultiTaskOptimizer
 from .conflict import ConflictNoticing
 from .space import SearchSpace
 
-__all__ = ["BilevelSearch"]
+__all__ = ["BilevelSearch", "first_order_alpha_step"]
 
 LossFn = Callable[[], Sequence[Tensor]]
 
 
 def _holds(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     return any(q is p for g in opt.param_groups for q in g["params"])
+
+
+def first_order_alpha_step(val_losses: Sequence[Tensor], alpha: Tensor,
+                           alpha_optimizer: torch.optim.Optimizer) -> Tensor:
+    """One first-order upper-level step: ``alpha -= lr * d/dalpha mean_t L_t^val`` through
+    ``alpha_optimizer``; only ``alpha`` receives a gradient.  A non-finite loss is an error and
+    leaves ``alpha`` as it was.  Returns the detached mean validation loss."""
+    loss = torch.stack([v.reshape(()) for v in val_losses]).mean()
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"validation loss is not finite ({float(loss.detach())}); alpha not updated")
+    alpha_optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=[alpha])
+    alpha_optimizer.step()
+    return loss.detach()
 
 
 class BilevelSearch:
@@ -128,14 +142,8 @@ class BilevelSearch:
         Only ``alpha`` receives a gradient; the weights' ``.grad`` are left as they are.
         Returns the detached validation loss.
         """
-        losses = self._check(val_losses, "alpha_step")
-        loss = torch.stack([v.reshape(()) for v in losses]).mean()
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"validation loss is not finite ({float(loss.detach())}); alpha not updated")
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=[self.space.alpha])
-        self.alpha_optimizer.step()
-        return loss.detach()
+        return first_order_alpha_step(self._check(val_losses, "alpha_step"), self.space.alpha,
+                                      self.alpha_optimizer)
 
     def weight_step(self, train_losses: Sequence[Tensor]) -> None:
         """Lower-level step with conflict noticing (eq. 4-5), then the weight optimizer's step."""
