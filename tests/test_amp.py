@@ -23,7 +23,7 @@ from torch import nn
 from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import get
 
-T = 3
+from ._helpers import Net, T, data
 
 
 def has_scaler_option() -> bool:
@@ -33,24 +33,6 @@ def has_scaler_option() -> bool:
 
 needs_patch = pytest.mark.skipif(not has_scaler_option(), reason="needs patch-issue7")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = self.encoder(x)
-        return [h(z) for h in self.heads]
-
-
-def data(step: int, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 5, generator=g)
-    ys = [torch.randn(16, 1, generator=g) * (t + 1) + 1.0 for t in range(T)]
-    return x.to(device), [y.to(device) for y in ys]
 
 
 def losses_of(outs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:

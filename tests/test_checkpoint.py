@@ -33,7 +33,8 @@ from torch import nn
 from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import available, get
 
-T = 3
+from ._helpers import Net, T, data
+
 K = 7  # steps before and after the checkpoint; 2K > the tensioner's window of 10
 REQUIRED_KWARGS = {"constant": {"weights": [0.2, 0.3, 0.5]}}
 PLUGIN_CASES = ["plugin:conal", "plugin:normal", "plugin:mpps"]
@@ -41,17 +42,6 @@ CASES = [f"agg:{n}" for n in available()] + PLUGIN_CASES
 
 needs_atomic_load = pytest.mark.skipif(
     not hasattr(sys.modules["torch_mtlgrad.optimizer"], "_check_checkpoint"), reason="needs patch-issue7")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = self.encoder(x)
-        return [h(z) for h in self.heads]
 
 
 class OdeNet(nn.Module):
@@ -67,12 +57,6 @@ class OdeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [h(f) for h, f in zip(self.heads, self.ode(self.encoder(x)))]
-
-
-def data(step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 5, generator=g)
-    return x, [torch.randn(16, 1, generator=g) * (t + 1) + 1.0 for t in range(T)]
 
 
 class Run:
@@ -176,7 +160,9 @@ def _phase(which: str, folder: str) -> None:
 def resumed(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt")
     for which in ("first", "second"):
-        proc = subprocess.run([sys.executable, __file__, which, str(folder)], capture_output=True,
+        # Run as the module tests.test_checkpoint from the repository root (its relative imports).
+        proc = subprocess.run([sys.executable, "-m", "tests.test_checkpoint", which, str(folder)],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True,
                               text=True, timeout=600, check=False)
         assert proc.returncode == 0, f"{which} process failed:\n{proc.stdout}\n{proc.stderr}"
     return folder

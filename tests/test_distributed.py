@@ -27,13 +27,14 @@ from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.distributed import JacobianAllReduce, distribute, task_specific_parameters
 
+from ._helpers import Net, T, data
+
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()) or sys.platform == "win32",
     reason="needs torch.distributed with gloo and fork",
 )
 
 WORLD = 2
-T = 3
 STEPS = 8
 BATCH = 16  # global batch; each rank gets BATCH // WORLD rows
 AGGREGATORS = ["mean", "mgda", "central+tension", "pcgrad"]
@@ -44,21 +45,8 @@ def patched() -> bool:
     return hasattr(MultiTaskOptimizer, "_synchronize")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = self.encoder(x)
-        return [h(z) for h in self.heads]
-
-
 def batch(step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(BATCH, 5, generator=g)
-    return x, [torch.randn(BATCH, 1, generator=g) * (t + 1) + 2.0 for t in range(T)]
+    return data(step, rows=BATCH, seed_offset=1000, shift=2.0)
 
 
 def aggregator(name: str):
@@ -96,6 +84,16 @@ def reference(name: str) -> torch.Tensor:
     return flat(model)
 
 
+def backward(opt: MultiTaskOptimizer, losses: list[torch.Tensor], legacy: bool) -> None:
+    """Capture the task gradients: ``opt.backward`` or the legacy ``opt.task(t)`` loop."""
+    if legacy:
+        for t, loss in enumerate(losses):
+            with opt.task(t, loss=loss):
+                loss.backward(retain_graph=t < T - 1)
+    else:
+        opt.backward(losses)
+
+
 # -- the workers (run in forked processes) -------------------------------------------------------
 def _train_distributed(rank: int, name: str, legacy: bool = False) -> torch.Tensor:
     model, opt = build(name, seed=rank)  # different seeds: broadcast must make them equal
@@ -105,12 +103,7 @@ def _train_distributed(rank: int, name: str, legacy: bool = False) -> torch.Tens
         x, ys = batch(step)
         opt.zero_grad()
         losses = losses_of(model(x[lo:hi]), [y[lo:hi] for y in ys])
-        if legacy:
-            for t, loss in enumerate(losses):
-                with opt.task(t, loss=loss):
-                    loss.backward(retain_graph=t < T - 1)
-        else:
-            opt.backward(losses)
+        backward(opt, losses, legacy)
         opt.step()
     return flat(model)
 
@@ -130,12 +123,7 @@ def _train_ddp(rank: int, name: str, legacy: bool) -> torch.Tensor:
         opt.zero_grad()
         with ddp.no_sync():  # per-task backward passes: DDP's own reducer stays out of it
             losses = losses_of(ddp(x[lo:hi]), [y[lo:hi] for y in ys])
-            if legacy:
-                for t, loss in enumerate(losses):
-                    with opt.task(t, loss=loss):
-                        loss.backward(retain_graph=t < T - 1)
-            else:
-                opt.backward(losses)
+            backward(opt, losses, legacy)
         opt.step()
     return flat(ddp.module)
 

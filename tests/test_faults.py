@@ -32,7 +32,8 @@ from torch import nn
 from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import available, get
 
-T = 3
+from ._helpers import Net, T, data
+
 NAN = float("nan")
 
 # Features of patch-issue7 (see /work/prompts/patch-issue7.diff).
@@ -42,23 +43,6 @@ needs_loss_checks = pytest.mark.skipif(not hasattr(MultiTaskOptimizer, "_check_l
                                        reason="needs patch-issue7")
 # Extra constructor arguments for registry entries that have required ones.
 REQUIRED_KWARGS = {"constant": {"weights": [0.2, 0.3, 0.5]}}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = self.encoder(x)
-        return [h(z) for h in self.heads]
-
-
-def data(step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 5, generator=g)
-    return x, [torch.randn(16, 1, generator=g) * (t + 1) + 1.0 for t in range(T)]
 
 
 def losses_of(model: Net, step: int) -> list[torch.Tensor]:

@@ -13,18 +13,7 @@ from torch import nn
 from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import Central, Tensioned, get
 
-T = 3
-
-
-class Net(nn.Module):
-    def __init__(self, tasks: int = T) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(tasks)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = self.encoder(x)
-        return [h(z) for h in self.heads]
+from ._helpers import Net, T
 
 
 def data(seed: int = 0, tasks: int = T) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
-import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -15,36 +12,12 @@ from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.aggregators.dualproj import DualProj
 
 from ..strategies import jacobians
-
-
-def cvxpy_project(J: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """argmin ||x - v||^2 s.t. J x >= 0, in the primal (scaled for conditioning)."""
-    s = max(float(np.linalg.norm(J, axis=1).max()), 1e-300)
-    J = J[np.linalg.norm(J, axis=1) > 0]
-    if J.shape[0] == 0:
-        return v
-    x = cp.Variable(J.shape[1])
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - v / s)), [(J / s) @ x >= 0])
-    for opts in ({"solver": cp.CLARABEL, "tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11,
-                  "tol_feas": 1e-11},
-                 {"solver": cp.CLARABEL},
-                 # opposite rows leave the cone no interior: an active-set-polished ADMM copes
-                 {"solver": cp.OSQP, "eps_abs": 1e-12, "eps_rel": 1e-12, "max_iter": 400000,
-                  "polish": True}):
-        try:
-            with warnings.catch_warnings():  # "may be inaccurate": the status says it
-                warnings.simplefilter("ignore")
-                prob.solve(**opts)
-        except cp.error.SolverError:
-            continue
-        if prob.status == "optimal":
-            break
-    assert prob.status == "optimal", prob.status
-    return s * x.value
-
-
-def scale_of(J: torch.Tensor) -> float:
-    return max(float(J.norm(dim=1).max()), 1e-300)
+from ._cone_helpers import (
+    check_non_conflicting_weighted,
+    cvxpy_project,
+    scale_of,
+    torchjd_reference,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -74,14 +47,8 @@ def test_projection_satisfies_kkt(J: torch.Tensor) -> None:
 @settings(max_examples=25, deadline=None)
 @given(st.integers(2, 8), st.integers(0, 2**31 - 1), st.floats(-6, 6))
 def test_matches_torchjd(T: int, seed: int, log_scale: float) -> None:
-    torchjd = pytest.importorskip("torchjd")
-    pytest.importorskip("qpsolvers")
-    from torchjd._linalg import QuadprogProjector
-
-    # torchjd's default projector normalises G and adds 1e-4 to its diagonal; turned off, it
-    # solves the same dual problem.
     J = torch.tensor(np.random.default_rng(seed).standard_normal((T, T + 3)) * 10**log_scale)
-    ref = torchjd.aggregation.DualProj(projector=QuadprogProjector(norm_eps=0.0, reg_eps=1e-12))(J)
+    ref = torchjd_reference("DualProj", J)
     assert torch.allclose(DualProj()(J), ref, rtol=0, atol=1e-9 * scale_of(J))
 
 
@@ -89,12 +56,7 @@ def test_matches_torchjd(T: int, seed: int, log_scale: float) -> None:
 @given(jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6))
 def test_non_conflicting_finite_minimal(J: torch.Tensor) -> None:
     agg = DualProj()
-    d = agg(J)
-    assert bool(torch.isfinite(d).all())
-    s = scale_of(J)
-    assert bool((J @ d >= -1e-10 * s * s * J.shape[0]).all()), J @ d
-    assert agg.weights is not None
-    assert torch.allclose(agg.weights @ J, d, atol=1e-12 * s)
+    d, s = check_non_conflicting_weighted(agg, J)
     # Idempotent: d is already in the cone, so projecting J-combinations of it changes nothing
     # when the mean does not conflict.
     mean = J.mean(0)

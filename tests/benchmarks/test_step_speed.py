@@ -8,10 +8,7 @@ the library's exact solver), and that the CPU peak-memory measurement sees an al
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,21 +17,9 @@ from hypothesis import strategies as st
 
 from torch_mtlgrad.aggregators._solvers import min_norm_weights
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._helpers import load_benchmark
 
-
-def _load():
-    name = "step_speed"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ss = _load()
+ss = load_benchmark("step_speed")
 
 TINY = ss.Config(tasks=(2,), batch=4, size=8, model="convnet", width=2, steps=2, warmup=1,
                  device="cpu")

@@ -8,31 +8,15 @@ aggregators on generated matrices (hypothesis), the manual backprop against auto
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._helpers import load_benchmark
 
-
-def _load():
-    name = "tensioner_logic_gates"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tlg = _load()
+tlg = load_benchmark("tensioner_logic_gates")
 
 
 # ---------------------------------------------------------------------------------------------

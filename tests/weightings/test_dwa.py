@@ -12,6 +12,7 @@ from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import DWA
 
 from ..strategies import jacobians
+from ._helpers import check_scale_free_and_permutation_equivariant, check_state_dict_roundtrip
 
 
 def reference_weights(Ls: list[np.ndarray], steps_per_epoch: int, temp: float) -> list[np.ndarray]:
@@ -70,17 +71,7 @@ def test_manual_epochs_equal_counted_epochs() -> None:
 def test_finite_scale_free_and_permutation_equivariant(J: torch.Tensor, log_loss: float,
                                                        rnd) -> None:
     """Weights depend on loss ratios only: scaling every loss by c changes nothing."""
-    T = J.shape[0]
-    perm = list(range(T))
-    rnd.shuffle(perm)
-    a, b, c = DWA(), DWA(), DWA()
-    for step in range(4):
-        L = torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-step) + 0.1 * step
-        da, db = a(J, L), b(J[perm], L[perm])
-        c(J, L * 10.0**log_loss)
-        assert bool(torch.isfinite(da).all())
-        assert torch.allclose(da, db, rtol=1e-12, atol=1e-12 * float(J.abs().max()))
-        assert torch.allclose(a.weights, c.weights, rtol=1e-9)
+    check_scale_free_and_permutation_equivariant(DWA, J, log_loss, rnd)
 
 
 def test_zero_loss_gives_ratio_one() -> None:
@@ -94,16 +85,8 @@ def test_zero_loss_gives_ratio_one() -> None:
 
 
 def test_state_dict_roundtrip_mid_epoch() -> None:
-    rng = np.random.default_rng(2)
-    steps = [(torch.tensor(rng.standard_normal((3, 4))), torch.tensor(rng.uniform(0.1, 2, 3)))
-             for _ in range(14)]
-    a = DWA(steps_per_epoch=3)
-    for J, L in steps[:7]:  # stops inside the third epoch
-        a(J, L)
-    b = DWA(steps_per_epoch=3)
-    b.load_state_dict(a.state_dict())
-    for J, L in steps[7:]:
-        assert torch.equal(a(J, L), b(J, L))
+    # 7 of 14 steps at 3 steps per epoch: the state is saved inside the third epoch.
+    check_state_dict_roundtrip(lambda: DWA(steps_per_epoch=3), seed=2, steps=14, split=7)
 
 
 def test_validation_and_registry() -> None:

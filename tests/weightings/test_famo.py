@@ -12,6 +12,7 @@ from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import FAMO
 
 from ..strategies import jacobians
+from ._helpers import check_scale_free_and_permutation_equivariant, check_state_dict_roundtrip
 from ._reference import make
 
 
@@ -76,30 +77,11 @@ def test_stalled_task_gains_weight() -> None:
 def test_finite_scale_free_and_permutation_equivariant(J: torch.Tensor, log_loss: float,
                                                        rnd) -> None:
     """w_i ∝ z_i / L_i and delta = log-ratios: scaling every loss by c changes no weight."""
-    T = J.shape[0]
-    perm = list(range(T))
-    rnd.shuffle(perm)
-    a, b, c = FAMO(eps=0.0), FAMO(eps=0.0), FAMO(eps=0.0)
-    for step in range(4):
-        L = torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-step) + 0.1 * step
-        da, db = a(J, L), b(J[perm], L[perm])
-        c(J, L * 10.0**log_loss)
-        assert bool(torch.isfinite(da).all())
-        assert torch.allclose(da, db, rtol=1e-12, atol=1e-12 * float(J.abs().max()))
-        assert torch.allclose(a.weights, c.weights, rtol=1e-9)
+    check_scale_free_and_permutation_equivariant(lambda: FAMO(eps=0.0), J, log_loss, rnd)
 
 
 def test_state_dict_roundtrip_gives_identical_next_output() -> None:
-    rng = np.random.default_rng(0)
-    steps = [(torch.tensor(rng.standard_normal((3, 4))), torch.tensor(rng.uniform(0.1, 2, 3)))
-             for _ in range(6)]
-    a = FAMO()
-    for J, L in steps[:3]:
-        a(J, L)
-    b = FAMO()
-    b.load_state_dict(a.state_dict())
-    for J, L in steps[3:]:
-        assert torch.equal(a(J, L), b(J, L))
+    a, b = check_state_dict_roundtrip(FAMO, seed=0, steps=6, split=3)
     assert torch.equal(a.logits, b.logits)
 
 

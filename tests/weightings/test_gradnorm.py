@@ -12,6 +12,7 @@ from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import GradNorm
 
 from ..strategies import jacobians
+from ._helpers import check_state_dict_roundtrip
 from ._reference import make
 
 
@@ -109,16 +110,7 @@ def test_all_weights_at_zero_restart_at_one() -> None:
 
 
 def test_state_dict_roundtrip_gives_identical_next_output() -> None:
-    rng = np.random.default_rng(0)
-    steps = [(torch.tensor(rng.standard_normal((3, 4))), torch.tensor(rng.uniform(0.1, 2, 3)))
-             for _ in range(6)]
-    a = GradNorm()
-    for J, L in steps[:3]:
-        a(J, L)
-    b = GradNorm()
-    b.load_state_dict(a.state_dict())
-    for J, L in steps[3:]:
-        assert torch.equal(a(J, L), b(J, L))
+    check_state_dict_roundtrip(GradNorm, seed=0, steps=6, split=3)
 
 
 def test_validation_and_registry() -> None:
