@@ -22,8 +22,9 @@ Methods (row keys, selectable with ``--methods``):
   ``central+tension``: :class:`torch_mtlgrad.MultiTaskOptimizer` with ``capture=`` that mode,
   ``diagnostics=False``.
 * ``auto:mgda``: the default exact mode (``capture="auto"`` with ``features=z``; the note column
-  says which capture it ran as: on the CPU the one it chose by timing its first steps, which
-  fall in the warm-up when ``--warmup`` is at least 6);
+  says which capture it ran as: the loop on the CPU, the feature mode on a GPU);
+  ``timed:mgda`` with ``capture="timed"`` (on the CPU the mode it chose by timing its first
+  steps, which fall in the warm-up when ``--warmup`` is at least 6);
   ``auto:mgda+diag`` the same with ``diagnostics=True`` (what diagnostics cost);
   ``auto:mgda+unchecked`` with ``nonfinite="unchecked"`` (no host-device sync for the finiteness
   check); ``auto:upgrad`` our UPGrad, to set beside TorchJD's.
@@ -423,6 +424,7 @@ def methods() -> list[Method]:
         Method("auto:mgda+unchecked", "ours default, mgda, nonfinite=unchecked",
                _ours("auto", "mgda", True, nonfinite="unchecked"), ref="loop:mgda"),
         Method("auto:upgrad", "ours default, upgrad", _ours("auto", "upgrad", True)),
+        Method("timed:mgda", "ours timed, mgda", _ours("timed", "mgda", True), ref="loop:mgda"),
         Method("representation:mgda", "ours representation, mgda (approx.)",
                _ours("representation", "mgda", True), ref="loop:mgda", exact=False),
         Method("representation:mgda-pgd", "ours representation, mgda pgd solver (approx.)",

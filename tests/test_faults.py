@@ -109,12 +109,12 @@ def bad_gradient(model: Net, losses: list[torch.Tensor], t: int) -> list[torch.T
 
 
 # -- non-finite gradients: raise ---------------------------------------------------------------
-@pytest.mark.parametrize("path", ["loop", "batched", "auto", "legacy"])
+@pytest.mark.parametrize("path", ["loop", "batched", "timed", "legacy"])
 def test_nonfinite_gradient_error_names_task_and_first_bad_parameter(path: str) -> None:
     capture = "auto" if path == "legacy" else path
     model, opt = build("mgda", capture=capture, num_tasks=T)
-    # Under "auto" the first steps alternate loop and batched: the bad step is the 4th, batched.
-    for step in range(3 if path == "auto" else 2):
+    # Under "timed" the first steps alternate loop and batched: the bad step is the 4th, batched.
+    for step in range(3 if path == "timed" else 2):
         opt.zero_grad()
         opt.backward(losses_of(model, step))
         opt.step()
@@ -132,7 +132,7 @@ def test_nonfinite_gradient_error_names_task_and_first_bad_parameter(path: str) 
                     loss.backward(retain_graph=t < T - 1)
         else:
             opt.backward(losses)
-    if path in ("batched", "auto"):
+    if path in ("batched", "timed"):
         assert opt.last_capture == "batched"
     assert_untouched(model, opt, snap)
     assert all(p.grad is None for p in model.encoder.parameters())

@@ -1,20 +1,24 @@
-"""``capture="auto"`` off the GPU: time the per-task loop against the batched pass on the first
+"""``capture="timed"`` off the GPU: time the per-task loop against the batched pass on the first
 steps and keep the faster one.
 
 Which exact capture is faster on a CPU depends on the model, the batch, T and the number of
 threads: on the 2-core development CPU the loop beat the batched passes by 1.5x at T = 40 with a
 batch of 64 of 3x64x64, while with a batch of 32 of 3x32x32 and two threads at T = 10 the batched
-pass (as TorchJD runs it) was the faster (``benchmarks/RESULTS.md``, step speed).  No rule of thumb
-covered both, so the optimizer measures: for each ``(T, candidate)`` it alternates the loop and the
-batched candidate (``"feature"`` when ``features=`` is given, else ``"batched"``) for ``warmup``
+pass (as TorchJD runs it) was the faster (``benchmarks/RESULTS.md``, step speed).  Where no rule
+of thumb covers a setup, ``capture="timed"`` measures: for each ``(T, candidate)`` it alternates
+the loop and the batched candidate (``"feature"`` when ``features=`` is given, else ``"batched"``) for ``warmup``
 untimed and then ``trials`` timed steps each, and from then on uses the batched candidate only if
 its best time beats the loop's best by the ``margin`` (the loop needs far less memory, so it wins
 ties).  A batched pass that cannot run on the model decides for the loop at once.
 
 All candidates give the same ``J`` up to float rounding (tested), so the choice changes speed and
-memory only.  It is kept in the optimizer's ``state_dict`` so that a resumed run goes on with the
-same capture.  On CUDA no timing is done (it would need host synchronisation); the rule there is
-fixed (see :class:`~torch_mtlgrad.MultiTaskOptimizer`).
+memory, and the last bits of the result: two runs may choose differently, which is why the
+default ``capture="auto"`` uses a fixed rule instead (the loop on the CPU; since the batched pass
+went through ``is_grads_batched`` and the loop's checks got cheaper, the loop measured fastest or
+within noise of the fastest everywhere on the development CPU).  The choice is kept in the
+optimizer's ``state_dict`` so that a run resumed after it goes on with the same capture.  On
+CUDA no timing is done (it would need host synchronisation); the rule there is fixed (see
+:class:`~torch_mtlgrad.MultiTaskOptimizer`).
 """
 
 from __future__ import annotations

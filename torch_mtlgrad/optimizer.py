@@ -46,7 +46,7 @@ __all__ = ["MultiTaskOptimizer", "NonFiniteError"]
 log = logging.getLogger(__name__)
 
 _STATE_KEY = "mtlgrad"
-_CAPTURES = ("auto", "loop", "batched", "feature", "representation")
+_CAPTURES = ("auto", "timed", "loop", "batched", "feature", "representation")
 _NONFINITE = ("raise", "skip", "unchecked")
 
 
@@ -133,17 +133,22 @@ class MultiTaskOptimizer(Optimizer):
               aggregator combines the gradients with respect to ``z`` and the encoder is
               backpropagated once with the combined gradient.  Only for aggregators that read
               just the Gramian (and their ``+tension``); plugins on ``J`` cannot run in it.
-            * ``"auto"`` (default): the fastest exact mode.  On a GPU: ``"feature"`` when
-              ``features=`` is given, else ``"loop"`` (ResNet-18, T = 40, H100: the feature mode
-              took 71-77 ms per step, the loop 200 ms; ``benchmarks/RESULTS.md``).  Elsewhere it
-              is measured, since neither wins everywhere on a CPU: the first steps (for each T)
+            * ``"auto"`` (default): the fastest exact mode measured for the device, chosen by a
+              fixed rule so that two runs with the same seed give the same bits: on a GPU
+              ``"feature"`` when ``features=`` is given, else ``"loop"`` (ResNet-18, T = 40,
+              H100: the feature mode took 71-77 ms per step, the loop 200 ms); elsewhere
+              ``"loop"`` (on the 2-core CPU the loop was the fastest or within noise of the
+              fastest everywhere measured; ``benchmarks/RESULTS.md``).
+            * ``"timed"``: like ``"auto"`` on a GPU; elsewhere the first steps (for each T)
               alternate the loop and the batched pass (``"feature"`` given ``features=``, else
-              ``"batched"``), one untimed and two timed steps each, and the batched pass is kept
-              if its best capture time is below 0.9 of the loop's (see
-              :mod:`torch_mtlgrad._autotune`).  All modes give the same ``J`` up to float
-              rounding; the choice is in :attr:`capture_choices` and the ``state_dict``, and
-              :attr:`last_capture` names the mode the last step ran.  Pass a mode explicitly
-              for runs that must not depend on timing.
+              ``"batched"``), one untimed and two timed steps each, and keep the batched pass if
+              its best capture time is below 0.9 of the loop's (see
+              :mod:`torch_mtlgrad._autotune`).  The modes agree to float rounding, but which one
+              runs depends on timing, so two runs may differ in the last bits (as with
+              ``torch.backends.cudnn.benchmark``).  The choice is in :attr:`capture_choices` and
+              the ``state_dict`` (a run resumed after the choice goes on with it).
+
+            :attr:`last_capture` names the mode the last step ran.
 
             When a batched pass cannot run on a model (vmap limits), the step falls back to the
             loop with one warning, and stays on it.  A batched or feature step in one piece whose
@@ -311,7 +316,7 @@ class MultiTaskOptimizer(Optimizer):
 
     @property
     def capture_choices(self) -> dict[str, str]:
-        """``capture="auto"`` off the GPU: the mode chosen by timing, per setting (T and the
+        """``capture="timed"`` off the GPU: the mode chosen by timing, per setting (T and the
         batched candidate), e.g. ``{"T=3,batched": "loop"}``; empty until a choice is made."""
         return self._tuner.choices
 
@@ -607,13 +612,14 @@ class MultiTaskOptimizer(Optimizer):
         """The capture the next step runs (``num_tasks``: its T; needed for the timed choice)."""
         mode = self.capture
         self._tuning = None
-        if mode == "auto":
-            if self.layout.device.type == "cuda" or not num_tasks or num_tasks < 2 or self._batched_failed:
-                mode = "feature" if features is not None and self.layout.device.type == "cuda" else "loop"
-            else:
-                key = self._tuner.key(num_tasks, features is not None)
-                mode, timed = self._tuner.mode(key)
-                self._tuning = (key, mode, timed)
+        cuda = self.layout.device.type == "cuda"
+        if mode == "auto" or (mode == "timed" and (cuda or not num_tasks or num_tasks < 2
+                                                   or self._batched_failed)):
+            mode = "feature" if features is not None and cuda else "loop"
+        elif mode == "timed":
+            key = self._tuner.key(num_tasks or 0, features is not None)
+            mode, timed = self._tuner.mode(key)
+            self._tuning = (key, mode, timed)
         if mode in ("feature", "representation"):
             if features is None:
                 raise ValueError(f"capture={mode!r} needs the shared features: opt.backward(losses, "
@@ -988,7 +994,7 @@ class MultiTaskOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict plus ours under ``"mtlgrad"``: the aggregator's and
         plugins' state, T, the shared parameters' shapes and names (checked on load), and the
-        ``capture="auto"`` timing choices."""
+        ``capture="timed"`` choices."""
         sd = self.optimizer.state_dict()
         sd[_STATE_KEY] = {
             "num_tasks": self.num_tasks,
