@@ -6,10 +6,10 @@ threads: on the 2-core development CPU the loop beat the batched passes by 1.5x 
 batch of 64 of 3x64x64, while with a batch of 32 of 3x32x32 and two threads at T = 10 the batched
 pass (as TorchJD runs it) was the faster (``benchmarks/RESULTS.md``, step speed).  Where no rule
 of thumb covers a setup, ``capture="timed"`` measures: for each ``(T, candidate)`` it alternates
-the loop and the batched candidate (``"feature"`` when ``features=`` is given, else ``"batched"``) for ``warmup``
-untimed and then ``trials`` timed steps each, and from then on uses the batched candidate only if
-its best time beats the loop's best by the ``margin`` (the loop needs far less memory, so it wins
-ties).  A batched pass that cannot run on the model decides for the loop at once.
+the loop and the batched candidate (``"feature"`` when ``features=`` is given, else
+``"batched"``) for ``warmup`` untimed and then ``trials`` timed steps each, and from then on uses
+the batched candidate only if its best time beats the loop's best by the ``margin`` (the loop
+needs far less memory, so it wins ties).  A batched pass that cannot run on the model decides for the loop at once.
 
 All candidates give the same ``J`` up to float rounding (tested), so the choice changes speed and
 memory, and the last bits of the result: two runs may choose differently, which is why the

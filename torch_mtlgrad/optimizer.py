@@ -512,7 +512,7 @@ class MultiTaskOptimizer(Optimizer):
             capture_loop(losses, self.layout, specific, into, retain_graph=True)
 
         use_blame = blame and self.last_capture != "loop"
-        write = lambda: self._write_specific(specific, acc)  # noqa: E731
+        write = lambda: self._write_specific(specific, acc)
         if blocks is not None:
             done = self._finish_gramian(blocks, values, prior, write, acc, specific,
                                         recapture if use_blame else None)
