@@ -464,8 +464,8 @@ class MultiTaskOptimizer(Optimizer):
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
         # Checked before capture (the graph survives an error) unless ranks must first agree on
         # them (a plugin's synchronize) or GradScaler must see the overflow: then in _finish.
-        scaling = self.scaler is not None and self.scaler.is_enabled()
-        early = not scaling and not any(callable(getattr(p, "synchronize", None)) for p in self.plugins)
+        scaling = self._scaling
+        early = not scaling and not self._sync_plugins
         if early and self.nonfinite != "unchecked" and not bool(torch.isfinite(values).all()):
             t = int((~torch.isfinite(values)).nonzero()[0])
             self._nonfinite(f"loss of task {t} is not finite ({float(values[t])})")
@@ -554,17 +554,15 @@ class MultiTaskOptimizer(Optimizer):
             if m is not None:
                 G.addmm_(m, m.T)
         lw = values.to(wd)
-        scaling = self.scaler is not None and self.scaler.is_enabled()
+        scaling = self._scaling
         if scaling:
             # The blocks hold scale * gradients: G / scale^2 is the unscaled Gramian and w^T
             # blocks the scaled direction that scaler.step() unscales (both exact for the
             # power-of-two scales GradScaler uses: the same bits as the path through J).
-            scale = self.scaler.scale(torch.ones((), dtype=wd, device=G.device))
+            scale = self._scale_factor(G)
             G = G / scale.square()
         if self.nonfinite != "unchecked" or scaling:
-            ok = [torch.isfinite(G).all(), torch.isfinite(lw).all()]
-            ok += [torch.isfinite(g.sum()) for g in grads if g is not None]
-            if not bool(torch.stack([o.to(G.device) for o in ok]).all()):
+            if not self._all_finite(torch.isfinite(G).all(), lw, grads):
                 J = self._buffer(T)  # _finish names the culprit, or lets GradScaler skip
                 if recapture is not None and not scaling:
                     recapture(J)
@@ -584,16 +582,13 @@ class MultiTaskOptimizer(Optimizer):
             self.num_tasks = T
         if layout.dtype == wd and all(g is None for g in prior):
             # Straight into the flat .grad buffer, parameter by parameter: no [D] temporary.
-            buf = self._grad_flat
-            if buf is None or buf.dtype != layout.dtype:
-                buf = self._grad_flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+            buf = self._grad_buffer()
             for m, o, n in zip(mats, layout.offsets, layout.numels):
                 if m is None:
                     buf[o : o + n].zero_()
                 else:
                     torch.mm(w[None], m, out=buf[o : o + n][None])
-            for p, v in zip(layout.params, layout.views(buf)):
-                p.grad = v
+            self._point_grads(buf)
         else:
             self._write_shared(torch.cat([torch.zeros(n, dtype=wd, device=G.device) if m is None
                                           else w @ m for m, n in zip(mats, layout.numels)]), prior)
@@ -837,13 +832,11 @@ class MultiTaskOptimizer(Optimizer):
         T = J.shape[0]
         if values is not None:
             values = values.to(J.dtype)
-        if stats is not None and any(callable(getattr(p, "synchronize", None))
-                                     for p in self.plugins):
+        if stats is not None and self._sync_plugins:
             stats = RowStats(stats.sq_norms, None)  # J changes in synchronize: count afresh
         self._synchronize(J, values, grads if grads is not None else [], params or [])
-        scale = None
-        if self.scaler is not None and self.scaler.is_enabled():
-            scale = self.scaler.scale(torch.ones((), dtype=J.dtype, device=J.device))
+        scale = self._scale_factor(J) if self._scaling else None
+        if scale is not None:
             J.div_(scale)
         if self.nonfinite != "unchecked" or scale is not None:
             bad = self._find_nonfinite(J, values, grads, params, lift, what,
@@ -859,8 +852,7 @@ class MultiTaskOptimizer(Optimizer):
                 self._skip = False
                 return True
             if bad is not None:
-                if recapture is not None and not any(
-                        callable(getattr(p, "synchronize", None)) for p in self.plugins):
+                if recapture is not None and not self._sync_plugins:
                     # J came from a batched pass: refill it by the loop (the graph was kept) to
                     # name the task.  Only for the message: the decision is already made.
                     recapture()
@@ -910,11 +902,8 @@ class MultiTaskOptimizer(Optimizer):
         present = [(i, g) for i, g in enumerate(grads or ()) if g is not None]
         # Without counts, a pre-check on the row sums: a NaN or Inf in a row makes its sum
         # non-finite; a finite row whose sum overflows only sends us to the exact check below.
-        ok = [torch.isfinite(J.sum(dim=1)).all() if counts is None else counts.sum() == 0]
-        if values is not None:
-            ok.append(torch.isfinite(values).all())
-        ok += [torch.isfinite(g.sum()).all() for _, g in present]
-        if bool(torch.stack([o.to(J.device) for o in ok]).all()):
+        if self._all_finite(torch.isfinite(J.sum(dim=1)).all() if counts is None else counts.sum() == 0,
+                            values, grads):
             return None
         if values is not None and not bool(torch.isfinite(values).all()):
             t = int((~torch.isfinite(values)).nonzero()[0])
@@ -937,14 +926,37 @@ class MultiTaskOptimizer(Optimizer):
         return (f"the summed task gradient of task-specific parameter {i} (shape {shape}) is not "
                 "finite")
 
+    @staticmethod
+    def _all_finite(first: Tensor, values: Tensor | None, grads: Sequence[Tensor | None] | None) -> bool:
+        """``first`` (a 0-d bool: the check of ``J`` or ``G``) and finite loss values and summed
+        task-specific gradients (each by its sum: a NaN/Inf makes it non-finite), in one host
+        synchronisation.  A sum of finite values that overflows reads as not finite: callers then
+        look closer."""
+        ok = [first]
+        if values is not None:
+            ok.append(torch.isfinite(values).all())
+        ok += [torch.isfinite(g.sum()) for g in grads or () if g is not None]
+        return bool(torch.stack([o.to(first.device) for o in ok]).all())
+
+    @property
+    def _sync_plugins(self) -> list[Any]:
+        """The plugins with a collective ``synchronize`` (e.g. ``distributed.JacobianAllReduce``)."""
+        return [p for p in self.plugins if callable(getattr(p, "synchronize", None))]
+
+    @property
+    def _scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def _scale_factor(self, like: Tensor) -> Tensor:
+        """GradScaler's current scale as a 0-d tensor of ``like``'s dtype and device."""
+        return self.scaler.scale(torch.ones((), dtype=like.dtype, device=like.device))
+
     def _synchronize(self, J: Tensor, values: Tensor | None, grads: list[Tensor | None],
                      params: list[Tensor]) -> None:
         """Plugins' collectives (``synchronize``, e.g. ``distributed.JacobianAllReduce``), in
         place, before any check: a NaN on one rank then reaches all, and all decide alike."""
-        for plugin in self.plugins:
-            sync = getattr(plugin, "synchronize", None)
-            if callable(sync):
-                sync(J, values, grads, params)
+        for plugin in self._sync_plugins:
+            plugin.synchronize(J, values, grads, params)
 
     def _write_shared(self, d: Tensor, prior: list[Tensor | None]) -> None:
         """Write ``d`` into the shared ``.grad`` as views of one flat buffer (added to what
@@ -954,18 +966,27 @@ class MultiTaskOptimizer(Optimizer):
             for p, v, g in zip(layout.params, layout.views(d), prior):
                 p.grad = v.to(p.dtype).clone() if g is None else g.add_(v.to(g.dtype))
             return
-        buf = self._grad_flat
-        if buf is None or buf.dtype != layout.dtype:
-            buf = self._grad_flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
-        views = layout.views(buf)
+        buf = self._grad_buffer()
         if all(g is None for g in prior):
             buf.copy_(d)
         else:
+            views = layout.views(buf)
             ours = all(g is not None and g.data_ptr() == v.data_ptr() for g, v in zip(prior, views))
             if not ours:
                 layout.fill_row(buf, [None if g is None else g.to(buf.dtype) for g in prior])
             buf.add_(d.to(buf.dtype))
-        for p, v in zip(layout.params, views):
+        self._point_grads(buf)
+
+    def _grad_buffer(self) -> Tensor:
+        """The flat ``[D]`` buffer the shared ``.grad`` are views of (one dtype), kept across steps."""
+        layout = self.layout
+        buf = self._grad_flat
+        if buf is None or buf.dtype != layout.dtype:
+            buf = self._grad_flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+        return buf
+
+    def _point_grads(self, buf: Tensor) -> None:
+        for p, v in zip(self.layout.params, self.layout.views(buf)):
             p.grad = v
 
     # -- Optimizer API ------------------------------------------------------------------------------
