@@ -56,7 +56,8 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation on ``device`` can still get, or ``None`` if unknown.
 
     CUDA: the device's free memory plus what PyTorch's caching allocator holds unused (no host
-    synchronisation; ``None`` while a CUDA graph is being captured).  CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux); ``None`` elsewhere.
+    synchronisation; ``None`` while a CUDA graph is being captured).  CPU: ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux); ``None`` elsewhere.
     """
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():  # no driver queries inside a CUDA graph
@@ -124,7 +125,7 @@ def capture_loop(losses: Sequence[Tensor], layout: FlatLayout, specific: Sequenc
 def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor,
                   retain_graph: bool) -> tuple[Tensor | None, ...]:
     """Gradients of ``<outputs, grad_outputs[k]>`` for every ``k`` (batched along dim 0) with
-    respect to ``inputs``: ``torch.vmap`` over ``autograd.grad``; ``None`` for unused inputs.
+    respect to ``inputs``; ``None`` for unused inputs.
 
     Two implementations, chosen by device because each is the faster one there:
 
@@ -217,24 +218,35 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequ
     """
     acc: Acc = [None] * len(specific)
     T = len(losses)
+    L = torch.stack([loss.reshape(()) for loss in losses])
+    Z = None
     if features.device.type == "cuda":
-        # Batched over tasks only for the features; the heads' parameters get their (summed)
-        # gradient from one ordinary backward, so the work does not grow with T^2.  On the CPU
-        # the per-task loop below measured cheaper (benchmarks/RESULTS.md, step speed).
+        # Batched over tasks only for the features (the heads' parameters below), so the work
+        # does not grow with T^2.  On the CPU the per-task loop measured cheaper
+        # (benchmarks/RESULTS.md, step speed).
         try:
-            L = torch.stack([loss.reshape(()) for loss in losses])
             eye = torch.eye(T, dtype=L.dtype, device=L.device)
             zg = _batched_grad(L, [features], eye, retain_graph=True)[0]
-        except (RuntimeError, NotImplementedError):
-            zg = None
-            L = None
-        if L is not None:
             Z = (torch.zeros((T, *features.shape), dtype=dtype, device=features.device)
                  if zg is None else zg.to(dtype))
-            if specific:
-                _accumulate(acc, torch.autograd.grad(L.sum(), list(specific), retain_graph=True,
-                                                     allow_unused=True))
-            return Z, acc
+        except (RuntimeError, NotImplementedError):
+            Z = None
+    if Z is None:
+        # One backward per task for the features only: with two threads on a small model the
+        # heads took 2.8 ms this way against 4.3 ms for per-task backward passes over
+        # [features, *specific] (T = 40), and the same with one thread.
+        Z = torch.empty((T, *features.shape), dtype=dtype, device=features.device)
+        for t, loss in enumerate(losses):
+            g = torch.autograd.grad(loss.reshape(()), [features], retain_graph=True,
+                                    allow_unused=True)[0]
+            if g is None:
+                Z[t].zero_()
+            else:
+                Z[t].copy_(g)
+    if specific:  # the heads' parameters: their summed gradient from one backward
+        _accumulate(acc, torch.autograd.grad(L.sum(), list(specific), retain_graph=True,
+                                             allow_unused=True))
+    return Z, acc
     # One backward per task for the features only, and one for the heads' parameters (their
     # summed gradient): with two threads on a small model this measured 2.8 ms against 4.3 ms for
     # per-task backward passes over [features, *specific] (T = 40), and the same with one thread.

@@ -251,16 +251,8 @@ def fill_row_reference(layout, row: Tensor, grads: Sequence[Tensor | None], *,
     """
     check_inputs(layout, row, grads, block=False)
     check_out(layout, row, out, block=False)
+    layout.fill_row(row, grads)  # one multi-tensor copy, None -> zeros
     views = layout.views(row)
-    dst, src = [], []
-    for v, g in zip(views, grads):
-        if g is None:
-            v.zero_()
-        else:
-            dst.append(v)
-            src.append(g)
-    if dst:
-        torch._foreach_copy_(dst, src)
     return _stats_of(views, acc_dtype(row.dtype), norms, check, out, (len(views),))
 
 
