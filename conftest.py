@@ -4,7 +4,7 @@ import importlib.util
 
 # The Triton kernel module imports triton at the top; where Triton is absent (CPU machines) its
 # docstrings cannot be collected.  Its tests in tests/gpu skip with a reason instead.
-collect_ignore = [] if importlib.util.find_spec("triton") else ["torch_mtlgrad/_kernels/_triton_fill.py"]
+collect_ignore = [] if importlib.util.find_spec("triton") else ["torch_mtlgrad/capture/_kernels/_triton_fill.py"]
 
 # Hypothesis: the default profile is derandomized, so every run of the README's test command (CI
 # included) checks the same generated examples and a failure reproduces exactly.  To explore new

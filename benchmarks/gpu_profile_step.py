@@ -59,7 +59,7 @@ def main() -> None:
         print(ka.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
         print("\n### by CPU time\n")
         print(ka.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
-        from torch_mtlgrad._kernels import fused_rows
+        from torch_mtlgrad.capture._kernels import fused_rows
 
         for plans in list(fused_rows._PLANS.values()):
             for plan in plans.values():

@@ -10,9 +10,9 @@ Methods:
 * ``foreach_copy_``: ``torch._foreach_copy_(row views, grads)`` (the current ``FlatLayout.fill_row``);
 * ``unfused minimal``: ``_foreach_copy_`` + ``torch.isfinite(row).all()`` + ``_foreach_norm``
   (a check and per-parameter norms as separate passes);
-* ``twin``: :func:`torch_mtlgrad._kernels.fill_row_reference` (the fallback: per-parameter
+* ``twin``: :func:`torch_mtlgrad.capture._kernels.fill_row_reference` (the fallback: per-parameter
   NaN/Inf counts and squared norms, separate passes);
-* ``fused``: :func:`torch_mtlgrad._kernels.fill_row_fused` (one Triton launch: copy + cast +
+* ``fused``: :func:`torch_mtlgrad.capture._kernels.fill_row_fused` (one Triton launch: copy + cast +
   counts + squared norms), for several launch shapes; ``fused, new addresses`` when every call
   sees gradient tensors at new addresses (the address table is copied host -> device);
 * the same for bfloat16 gradients into a float32 row (the cast is part of the pass; the d2d
@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 
 from torch_mtlgrad import FlatLayout
-from torch_mtlgrad._kernels import (
+from torch_mtlgrad.capture._kernels import (
     KernelConfig,
     RowStats,
     fill_row_fused,

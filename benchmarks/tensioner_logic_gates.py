@@ -170,7 +170,8 @@ class SenerMinNorm(WeightedAggregator):
 
     gramian_only = True
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         if G.shape[0] != 2:
             raise ValueError(f"SenerMinNorm is the two-task solver, got {G.shape[0]} tasks")

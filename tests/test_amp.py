@@ -1,9 +1,9 @@
-"""Mixed precision (issue 7): half-precision models aggregate in float32; GradScaler.
+"""Mixed precision: half-precision models aggregate in float32; GradScaler.
 
 * bf16 and fp16 models on the CPU: ``J`` is float32, the direction is the float32 aggregator's,
   cast back to the parameters' dtype (checked exactly against an independent float32 reference).
 * ``torch.amp.GradScaler`` (CPU scaler; CUDA variants skip without a GPU), with the optimizer's
-  ``scaler=`` option (patch-issue7): training with the scaler is bit-for-bit the training without
+  ``scaler=`` option: training with the scaler is bit-for-bit the training without
   it (the aggregator sees ``J / S`` and the unscaled losses, exact since ``S`` is a power of two),
   also for methods whose direction does not scale with ``J`` (tensioners, Nash-MTL, MoCo) and
   for loss weightings; an overflow makes ``scaler.step`` skip the step and ``scaler.update``
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -25,13 +24,6 @@ from torch_mtlgrad.aggregators import get
 
 from ._helpers import Net, T, data
 
-
-def has_scaler_option() -> bool:
-    return hasattr(MultiTaskOptimizer, "scaler") and "scaler" in inspect.signature(
-        MultiTaskOptimizer.__init__).parameters
-
-
-needs_patch = pytest.mark.skipif(not has_scaler_option(), reason="needs patch-issue7")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -132,7 +124,6 @@ def train_scaled(name: str, steps: int, scaler: torch.amp.GradScaler | None, aut
     return model, opt
 
 
-@needs_patch
 @pytest.mark.parametrize("capture", ["loop", "batched"])  # batched: the Gramian path where it applies
 @pytest.mark.parametrize("name", ["central+tension", "mgda+tension", "nashmtl", "moco", "pcgrad",
                                   "uw", "famo"])
@@ -149,7 +140,6 @@ def test_gradscaler_is_bit_identical_to_no_scaler(name: str, capture: str) -> No
         assert torch.equal(v, o2.diagnostics[k]), k
 
 
-@needs_patch
 def test_gradscaler_legacy_loop_equals_backward() -> None:
     s1, s2 = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
     m1, _ = train_scaled("central+tension", 6, s1, autocast=False)
@@ -157,7 +147,6 @@ def test_gradscaler_legacy_loop_equals_backward() -> None:
     assert torch.equal(flat(m1), flat(m2))
 
 
-@needs_patch
 def test_gradscaler_overflow_skips_like_plain_pytorch() -> None:
     """A scale of 2**127 overflows float32 at once: both loops skip, back off and train alike."""
     steps = 12
@@ -202,7 +191,6 @@ def test_gradscaler_overflow_skips_like_plain_pytorch() -> None:
     torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-5, atol=1e-6)
 
 
-@needs_patch
 def test_gradscaler_overflow_leaves_aggregator_state_untouched() -> None:
     torch.manual_seed(0)
     model = Net()
@@ -229,7 +217,6 @@ def test_gradscaler_overflow_leaves_aggregator_state_untouched() -> None:
     assert opt.skipped_steps == 0  # the scaler skipped, not the non-finite policy
 
 
-@needs_patch
 def test_scaler_argument_is_checked() -> None:
     model = Net()
     with pytest.raises(TypeError, match="GradScaler"):
@@ -266,7 +253,6 @@ def test_cuda_half_models_aggregate_in_float32(dtype: torch.dtype) -> None:
 
 @cuda
 @pytest.mark.cuda
-@needs_patch
 def test_cuda_fp16_autocast_gradscaler() -> None:
     scaler = torch.amp.GradScaler("cuda")
     model, opt = train_scaled("central+tension", 8, scaler, autocast=True, device="cuda",

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torch_mtlgrad import MultiTaskOptimizer
-from torch_mtlgrad._autotune import CaptureTuner
+from torch_mtlgrad.capture.tuner import CaptureTuner
 
 from .test_capture import NoVmap
 

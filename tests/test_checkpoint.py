@@ -1,4 +1,4 @@
-"""Checkpoint and resume (issue 7; SPEC section 1), and untrusted files.
+"""Checkpoint and resume, and untrusted files.
 
 * In a FRESH PROCESS: train k steps, save, load into a new process (``torch.load(...,
   weights_only=True)``: plain tensors, numbers, strings, lists and dicts only), train k more; the
@@ -40,8 +40,6 @@ REQUIRED_KWARGS = {"constant": {"weights": [0.2, 0.3, 0.5]}}
 PLUGIN_CASES = ["plugin:conal", "plugin:normal", "plugin:mpps"]
 CASES = [f"agg:{n}" for n in available()] + PLUGIN_CASES
 
-needs_atomic_load = pytest.mark.skipif(
-    not hasattr(sys.modules["torch_mtlgrad.optimizer"], "_check_checkpoint"), reason="needs patch-issue7")
 
 
 class OdeNet(nn.Module):
@@ -283,7 +281,6 @@ def test_shared_parameter_names_are_checked_when_both_sides_have_them() -> None:
     opt_for(ab, ab.parameters()).load_state_dict(old)
 
 
-@needs_atomic_load
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_malformed_optimizer_state_is_a_clear_error_and_loads_nothing(kind: str) -> None:
     source = trained(steps=12)

@@ -1,4 +1,4 @@
-"""Data-parallel training on torch.distributed (issue 7): 2 CPU processes with gloo.
+"""Data-parallel training on torch.distributed: 2 CPU processes with gloo.
 
 Every rank trains on its half of each batch; after several steps the parameters must be identical
 on both ranks and equal (to float tolerance) to one process training on the whole batch, for
@@ -38,11 +38,6 @@ WORLD = 2
 STEPS = 8
 BATCH = 16  # global batch; each rank gets BATCH // WORLD rows
 AGGREGATORS = ["mean", "mgda", "central+tension", "pcgrad"]
-
-
-def patched() -> bool:
-    """The optimizer hands J, losses and task-specific grads to plugins' synchronize()."""
-    return hasattr(MultiTaskOptimizer, "_synchronize")
 
 
 def batch(step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -212,8 +207,7 @@ def trained(tmp_path_factory) -> list[dict[str, Any]]:
     jobs += [(f"ddp/{n}", "_train_ddp", (n, False)) for n in ("mgda", "pcgrad")]
     jobs.append(("ddp-legacy/central+tension", "_train_ddp", ("central+tension", True)))
     jobs.append(("collectives", "_count_collectives", ()))
-    if patched():
-        jobs.append(("nonfinite", "_nonfinite_on_one_rank", ()))
+    jobs.append(("nonfinite", "_nonfinite_on_one_rank", ()))
     return run_workers(tmp_path_factory.mktemp("dist"), jobs)
 
 
@@ -236,12 +230,11 @@ def test_ddp_no_sync_and_legacy_loops(trained, key: str) -> None:
 
 def test_collectives_per_step(trained) -> None:
     per_step = trained[0]["collectives"]
-    # One bucket for J, the losses and the task-specific gradients once the optimizer hands
-    # them to synchronize(); until then J + losses in transform and the heads in a pre-hook.
-    assert per_step == ([1, 1, 1] if patched() else [2, 2, 2])
+    # One bucket for J, the losses and the task-specific gradients: the optimizer hands them all
+    # to synchronize() (transform's collective and the heads' pre-hook then reduce nothing).
+    assert per_step == [1, 1, 1]
 
 
-@pytest.mark.skipif(not patched(), reason="needs patch-issue7")
 def test_nonfinite_on_one_rank_skips_on_all(trained) -> None:
     a, b = (res["nonfinite"] for res in trained)
     assert a["skipped"] == b["skipped"] == 1

@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 7; SPEC section 9).
+"""Faults and bad input.
 
 * Non-finite task gradients: by default an error naming the task and the first bad shared
   parameter (every capture path); with ``nonfinite="skip"`` the step is skipped, counted and
@@ -36,11 +36,6 @@ from ._helpers import Net, T, data
 
 NAN = float("nan")
 
-# Features of patch-issue7 (see /work/prompts/patch-issue7.diff).
-needs_specific_check = pytest.mark.skipif(not hasattr(MultiTaskOptimizer, "_find_nonfinite"),
-                                          reason="needs patch-issue7")
-needs_loss_checks = pytest.mark.skipif(not hasattr(MultiTaskOptimizer, "_check_loss_devices"),
-                                       reason="needs patch-issue7")
 # Extra constructor arguments for registry entries that have required ones.
 REQUIRED_KWARGS = {"constant": {"weights": [0.2, 0.3, 0.5]}}
 
@@ -211,7 +206,6 @@ def test_skip_policy_legacy_loop_restores_accumulated_grad() -> None:
         assert torch.equal(p.grad, g), "the skipped micro-batch leaked into the accumulated grad"
 
 
-@needs_specific_check
 def test_nonfinite_task_specific_gradient() -> None:
     model, opt = build("mgda")
     losses = losses_of(model, 0)
@@ -229,7 +223,6 @@ def test_nonfinite_task_specific_gradient() -> None:
     assert_untouched(model, opt, snap)
 
 
-@needs_specific_check
 def test_nonfinite_error_is_also_a_value_error() -> None:
     model, opt = build("mgda")
     losses = losses_of(model, 0)
@@ -344,7 +337,6 @@ def test_hostile_losses_are_clear_errors_and_change_nothing(kind, legacy, t, k, 
     drive_backward(kind, t, k, shape, value, junk, legacy)
 
 
-@needs_loss_checks
 @settings(max_examples=10, deadline=None)
 @given(kind=st.sampled_from(["complex", "device", "int_dtype"]), **loss_cases)
 def test_hostile_loss_dtypes_and_devices(kind, t, k, shape, value, junk) -> None:

@@ -360,7 +360,7 @@ def test_bf16_shared_parameters_aggregate_in_float32() -> None:
     x, ys = data(0)
     opt.zero_grad()
     opt.backward(losses_of(model, x.bfloat16(), [y.bfloat16() for y in ys]))
-    assert opt._J is not None and opt._J.dtype == torch.float32
+    assert opt.jacobian is not None and opt.jacobian.dtype == torch.float32
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
     opt.step()
 

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 from . import aggregators
-from ._flat import FlatLayout
+from .capture.layout import FlatLayout
 from .optimizer import MultiTaskOptimizer, NonFiniteError
 from .plugins import GradientPlugin
 

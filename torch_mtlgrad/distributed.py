@@ -47,6 +47,7 @@ support it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Iterable
@@ -56,7 +57,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._flat import FlatLayout
+from .aggregators import work_dtype
+from .capture.layout import FlatLayout
+from .optimizer import MultiTaskOptimizer
 
 __all__ = ["JacobianAllReduce", "broadcast_parameters", "distribute", "task_specific_parameters"]
 
@@ -73,8 +76,11 @@ def _group_size(group: Any) -> int:
 
 
 def _work_dtype(tensors: Iterable[Tensor | None]) -> torch.dtype:
-    """float64 when any tensor is float64, else float32 (bf16/fp16 are reduced in float32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    """The aggregation's work dtype of the tensors' common dtype: float64 when any is float64,
+    else float32 (bf16/fp16 are reduced in float32)."""
+    common = functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None),
+                              torch.float32)
+    return work_dtype(common)
 
 
 def task_specific_parameters(optimizer: Any) -> list[Tensor]:
@@ -324,10 +330,9 @@ def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = T
                                  aggregator="central+tension")
         distribute(opt)
     """
-    layout = getattr(optimizer, "layout", None)
-    if layout is None or not hasattr(optimizer, "plugins"):
+    if not isinstance(optimizer, MultiTaskOptimizer):
         raise TypeError(f"distribute() takes a MultiTaskOptimizer, got {type(optimizer).__name__}")
-    if getattr(optimizer, "capture", None) == "representation":
+    if optimizer.capture == "representation":
         raise ValueError(
             "capture='representation' cannot be distributed: its encoder backward is local to each "
             "rank after aggregation; use capture='feature' (exact, and as cheap on the heads)"
@@ -336,13 +341,12 @@ def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = T
         raise ValueError("this optimizer is already distributed (it has a JacobianAllReduce plugin)")
     _check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
     plugin = JacobianAllReduce(process_group)
-    plugin.bind(layout)
+    optimizer.add_plugin(plugin, first=True)  # binds it: every rank checks D
     if broadcast:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         seen: set[int] = set()
         unique = [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
         broadcast_parameters(unique, process_group)
-    optimizer.plugins.insert(0, plugin)
 
     def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
         plugin.reduce_gradients(task_specific_parameters(opt))

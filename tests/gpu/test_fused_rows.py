@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_mtlgrad import FlatLayout
-from torch_mtlgrad._kernels import (
+from torch_mtlgrad.capture._kernels import (
     KernelConfig,
     RowStats,
     acc_dtype,
@@ -232,7 +232,7 @@ KERNEL_SCRIPT = textwrap.dedent(r"""
     import os, sys, torch
     os.environ["TRITON_INTERPRET"] = "1"
     from torch_mtlgrad import FlatLayout
-    from torch_mtlgrad._kernels import fused_rows as fr, reference as ref
+    from torch_mtlgrad.capture._kernels import fused_rows as fr, reference as ref
     gen = torch.Generator().manual_seed(int(sys.argv[1]))
     DT = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     failures = 0

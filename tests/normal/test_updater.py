@@ -81,7 +81,7 @@ def test_one_step_in_multitask_optimizer(aggregator):
     losses = _losses(net, x, ys)
     opt.backward(losses)
     assert torch.allclose(net.ode.positions.grad, expected_dp, atol=1e-6, rtol=1e-5)
-    J = opt._J.clone()
+    J = opt.jacobian.clone()
     opt.step()
     # Algorithm 1, line 7: p <- p - eta d_p; gradient cleared; recorded
     assert torch.allclose(net.ode.positions.detach(), p0 - 0.3 * expected_dp, atol=1e-6)

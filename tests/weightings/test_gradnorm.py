@@ -90,8 +90,8 @@ def test_gramian_path_equals_row_norm_path() -> None:
     J = torch.randn(4, 7, dtype=torch.float64)
     L = torch.rand(4, dtype=torch.float64) + 0.5
     a, b = GradNorm(lr=0.1), GradNorm(lr=0.1)
-    w_rows = a.weighting(J, None, L)
-    w_gram = b.weighting(J, J @ J.T, L)
+    w_rows = a.aggregate(J, L).weights
+    w_gram = b.aggregate_gramian(J @ J.T, L).weights
     assert torch.equal(w_rows, w_gram)
     assert torch.allclose(a.task_weights, b.task_weights, rtol=1e-12)
 

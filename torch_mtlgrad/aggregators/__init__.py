@@ -7,7 +7,7 @@ importing this package does not import cvxpy or the methods you do not use).
 
 from typing import Any
 
-from ._base import Aggregator, WeightedAggregator
+from ._base import Aggregation, Aggregator, WeightedAggregator, work_dtype
 from ._registry import _ENTRIES, available, get, register
 from .central import Central, central_weights
 from .mean import Mean, Sum
@@ -17,6 +17,7 @@ from .tension import Tensioned
 _LAZY = {cls: module for module, cls, _ in _ENTRIES.values() if module.startswith(__name__ + ".")}
 
 __all__ = [
+    "Aggregation",
     "Aggregator",
     "WeightedAggregator",
     "Central",
@@ -28,6 +29,7 @@ __all__ = [
     "central_weights",
     "get",
     "register",
+    "work_dtype",
     *sorted(c for c in _LAZY if c not in {"Mean", "Sum", "MinNorm", "Central"}),
 ]
 

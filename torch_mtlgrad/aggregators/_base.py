@@ -12,24 +12,44 @@ Two kinds of subclasses:
   Implement :meth:`WeightedAggregator.weighting`.  When ``gramian_only`` is true the weighting
   reads only ``G = J J^T`` (and the losses), which is what lets it run on ``G`` alone.
 
-After every call ``agg.weights`` holds the task weights of the last direction when the direction
-is a combination of the rows (else ``None``) and ``agg.diagnostics`` a dict of tensors.
+:meth:`Aggregator.aggregate` returns an :class:`Aggregation`: the direction, the task weights when
+the direction is a combination of the rows (else ``None``) and the method's diagnostics.  The
+attributes ``agg.weights`` and ``agg.diagnostics`` hold the same tensors of the last call, for
+interactive use.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Aggregator", "WeightedAggregator", "check_matrix", "check_losses", "work_dtype"]
+__all__ = ["Aggregation", "Aggregator", "WeightedAggregator", "check_losses", "check_matrix", "work_dtype"]
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype aggregation runs in: float64 stays, everything else becomes float32."""
+def work_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype aggregation runs in: float64 stays, everything else (half precision, or mixed
+    dtypes given as ``None``) becomes float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """What one call of an aggregator found.
+
+    Attributes:
+        direction: ``d`` (``[D]``, in ``J``'s dtype); ``None`` from
+            :meth:`WeightedAggregator.aggregate_gramian`, which never sees ``J``.
+        weights: ``[T]`` task weights when ``d = w^T J`` (else ``None``).
+        diagnostics: the method's own tensors (e.g. ``c`` and ``delta`` for tensioners).
+    """
+
+    direction: Tensor | None
+    weights: Tensor | None
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
 def check_matrix(J: Tensor) -> Tensor:
@@ -80,6 +100,20 @@ class Aggregator(ABC):
         self.diagnostics: dict[str, Tensor] = {}
 
     def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The direction ``d`` (``[D]``, in ``J``'s dtype): :meth:`aggregate`'s ``direction``."""
+        d = self.aggregate(J, losses).direction
+        assert d is not None
+        return d
+
+    def aggregate(self, J: Tensor, losses: Tensor | None = None) -> Aggregation:
+        """Validate ``J`` (``[T, D]``) and the losses (``[T]`` or ``None``), then combine.
+
+        Example:
+            >>> from torch_mtlgrad.aggregators import get
+            >>> out = get("mean").aggregate(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+            >>> out.direction, out.weights
+            (tensor([0.5000, 0.5000]), tensor([0.5000, 0.5000]))
+        """
         out_dtype = J.dtype if isinstance(J, Tensor) else None
         Jw = check_matrix(J)
         lw: Tensor | None = None
@@ -88,7 +122,20 @@ class Aggregator(ABC):
         elif self.needs_losses:
             raise ValueError(f"{type(self).__name__} needs the loss values: call agg(J, losses)")
         d = self.forward(Jw, lw)
-        return d.to(out_dtype)
+        return Aggregation(d.to(out_dtype), self.weights, self.diagnostics)
+
+    @property
+    def from_gramian(self) -> bool:
+        """Whether the direction is ``w^T J`` with weights that read only ``G = J J^T`` and the
+        losses, so that :meth:`WeightedAggregator.aggregate_gramian` can run without ``J``."""
+        return False
+
+    @property
+    def runs_on_features(self) -> bool:
+        """Whether the method may run on any matrix with the same Gramian as ``J``: the
+        representation-gradient approximation (MGDA-UB, Sener and Koltun, NeurIPS 2018) applies it
+        to the gradients with respect to the shared features."""
+        return self.gramian_only
 
     @abstractmethod
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
@@ -112,14 +159,49 @@ class Aggregator(ABC):
 
 
 class WeightedAggregator(Aggregator):
-    """An aggregator whose direction is ``d = w^T J`` for a weighting ``w`` of the rows."""
+    """An aggregator whose direction is ``d = w^T J`` for a weighting ``w`` of the rows that reads
+    only ``G = J J^T`` (``gramian_only``) or nothing of ``J`` at all (fixed or loss-based weights).
+    """
 
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
         G = J @ J.T if self.gramian_only else None
-        w = self.weighting(J, G, losses)
+        w = self.weighting(G, losses, num_tasks=J.shape[0], dtype=J.dtype, device=J.device)
         self.weights = w
         return w @ J
 
+    def aggregate_gramian(self, G: Tensor, losses: Tensor | None = None) -> Aggregation:
+        """The weights from the Gramian ``G`` (``[T, T]``) alone, for callers that never build
+        ``J`` (the direction ``w^T J`` is theirs to form, e.g. block by block).
+
+        Example:
+            >>> from torch_mtlgrad.aggregators import get
+            >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+            >>> agg = get("mgda")
+            >>> torch.allclose(agg.aggregate_gramian(J @ J.T).weights, agg.aggregate(J).weights)
+            True
+        """
+        if not self.from_gramian:
+            raise ValueError(f"{self!r} reads J itself: call aggregate(J, losses)")
+        T = G.shape[0]
+        if losses is None and self.needs_losses:
+            raise ValueError(f"{type(self).__name__} needs the loss values: aggregate_gramian(G, losses)")
+        lw = None if losses is None else check_losses(losses, T, G)
+        w = self.weighting(G if self.gramian_only else None, lw, num_tasks=T, dtype=G.dtype,
+                           device=G.device)
+        self.weights = w
+        return Aggregation(None, w, self.diagnostics)
+
+    @property
+    def from_gramian(self) -> bool:
+        return True
+
+    @property
+    def runs_on_features(self) -> bool:
+        return True
+
     @abstractmethod
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
-        """Return the ``[T]`` weights.  ``G`` is ``J J^T`` when ``gramian_only`` (use it, not J)."""
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Return the ``[T]`` weights (``T = num_tasks``, in ``dtype`` on ``device``).  ``G`` is
+        ``J J^T`` when the class is ``gramian_only``, else ``None``: the weights then read the
+        losses (or nothing)."""

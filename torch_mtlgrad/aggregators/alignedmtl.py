@@ -127,7 +127,8 @@ class AlignedMTL(WeightedAggregator):
         self.scale_mode = scale_mode
         self.rtol = rtol
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         T = G.shape[0]
         if self.task_weights is None:

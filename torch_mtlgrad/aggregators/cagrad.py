@@ -316,7 +316,8 @@ class CAGrad(WeightedAggregator):
         self.method = method
         self.cvxpy_solver = cvxpy_solver
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         w, alpha = cagrad_dual_weights(G, self.c, self.method, self.cvxpy_solver)
         if self.rescale == "1+c^2":

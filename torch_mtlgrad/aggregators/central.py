@@ -76,7 +76,8 @@ class Central(WeightedAggregator):
         self.method = method
         self.iters = iters
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         return central_weights(G, self.method, self.iters)
 

@@ -56,16 +56,17 @@ class Constant(WeightedAggregator):
         self.task_weights = w
         self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
-        T = J.shape[0]
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        T = num_tasks
         if T != self.task_weights.numel():
             raise ValueError(
                 f"Constant has {self.task_weights.numel()} weights but J has {T} rows (tasks); "
                 "give one weight per task"
             )
-        key = (J.device, J.dtype)
+        key = (device, dtype)
         if key not in self._cache:  # one host-to-device copy per device and dtype
-            self._cache[key] = self.task_weights.to(device=J.device, dtype=J.dtype)
+            self._cache[key] = self.task_weights.to(device=device, dtype=dtype)
         return self._cache[key]
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ UPGrad it is not linear under scaling of the rows (the paper's comparison table)
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._solvers import dual_cone_weights
@@ -47,7 +48,8 @@ class DualProj(ConeWeighting):
         tensor([0.0000, 0.5000])
     """
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         p = self._pref(G)
         lam = dual_cone_weights(G, G @ p, warm=self._warm)

@@ -100,7 +100,8 @@ class GradVac(WeightedAggregator):
             rows.append(others[perm])
         return torch.stack(rows)
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         T = G.shape[0]
         if self.phi_hat is not None and self.phi_hat.shape != (T, T):

@@ -123,7 +123,8 @@ class IMTLG(WeightedAggregator):
             raise ValueError(f"rtol must be a non-negative number or None, got {rtol!r}")
         self.rtol = rtol
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         w = imtlg_weights(G, self.rtol)
         n = torch.diagonal(G).clamp_min(0).sqrt()

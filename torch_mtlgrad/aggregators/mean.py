@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
@@ -22,9 +23,10 @@ class Mean(WeightedAggregator):
         tensor([0.5000, 1.5000])
     """
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
-        T = J.shape[0]
-        return J.new_full((T,), 1.0 / T)
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        T = num_tasks
+        return torch.full((T,), 1.0 / T, dtype=dtype, device=device)
 
 
 class Sum(WeightedAggregator):
@@ -36,5 +38,6 @@ class Sum(WeightedAggregator):
         tensor([1., 3.])
     """
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
-        return J.new_ones(J.shape[0])
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.ones(num_tasks, dtype=dtype, device=device)

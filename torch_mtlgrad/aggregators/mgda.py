@@ -71,7 +71,8 @@ class MinNorm(WeightedAggregator):
     def needs_losses(self) -> bool:  # type: ignore[override]
         return self.normalization in ("loss", "loss+")
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         scale = self._scales(G, losses)
         Gs = G / (scale[:, None] * scale[None, :])

@@ -180,7 +180,8 @@ class NashMTL(WeightedAggregator):
         self.a: Tensor | None = None  # [T] float64, last scale-free solution (0 on zero rows)
 
     # ---------------------------------------------------------------------------------------
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         T = G.shape[0]
         if self.alpha is not None and self.alpha.shape[0] != T:

@@ -113,7 +113,8 @@ class PCGrad(SeededState, WeightedAggregator):
             return torch.arange(T, device=device).expand(T, T)
         return torch.stack([self.rng.randperm(T) for _ in range(T)])
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         C, count = _project(G, self._orders(G.shape[0], G.device))
         self.diagnostics = {"conflicts": count}

@@ -148,14 +148,15 @@ class RLW(SeededState, WeightedAggregator):
         self.distribution = distribution
         self.rng = RandomSource(generator, seed)
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
-        T = J.shape[0]
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        T = num_tasks
         if self.distribution == "normal":
-            return torch.softmax(self.rng.randn(T, dtype=J.dtype, device=J.device), dim=0)
-        u = self.rng.rand(T, dtype=J.dtype, device=J.device)
+            return torch.softmax(self.rng.randn(T, dtype=dtype, device=device), dim=0)
+        u = self.rng.rand(T, dtype=dtype, device=device)
         total = u.sum()
         # sum(u) = 0 has probability ~2^-24T; fall back to uniform weights there (no 0/0).
-        return torch.where(total > 0, u / total.clamp_min(torch.finfo(J.dtype).tiny),
+        return torch.where(total > 0, u / total.clamp_min(torch.finfo(dtype).tiny),
                            torch.full_like(u, 1.0 / T))
 
     def __repr__(self) -> str:

@@ -274,5 +274,10 @@ class Tensioned(Aggregator):
         self.count = 0
         self.base.reset()
 
+    @property
+    def runs_on_features(self) -> bool:
+        """As its base method (the tensioner reads only ``G``, the losses and the base weights)."""
+        return self.base.runs_on_features
+
     def __repr__(self) -> str:
         return f"Tensioned({self.base!r}, alpha={self.alpha}, window={self.window})"

@@ -24,6 +24,7 @@ span of the rows), and, with uniform ``p``, invariant to the order of the tasks.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
@@ -87,7 +88,8 @@ class UPGrad(ConeWeighting):
         tensor([0.2500, 0.5000])
     """
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         assert G is not None
         p = self._pref(G)
         # Column i of B is J (p_i g_i) = p_i G[:, i]: one dual problem per row.

@@ -10,16 +10,22 @@
   aggregator.
 * :class:`ProgressiveSearch` (``pro.py``): CoNAL-Pro, section 2.4.
 
-The model-side parts (space, derive, network) need no optimizer; the search and retraining
-helpers wrap one.
+The model-side parts (space, derive, network) and the conflict-noticing plugin need no
+optimizer and load with this package; the search and retraining drivers wrap a
+:class:`~torch_mtlgrad.MultiTaskOptimizer` and load on first access (the optimizer builds
+:class:`ConflictNoticing` for ``conflict_noticing=``, so this package must not import it).
 """
+
+import importlib
+from typing import Any
 
 from .conflict import ConflictNoticing, SegmentGramian, first_conflict, segment_gramians
 from .derive import Architecture, Branch, BranchedNetwork, Derived, build_network, derive
-from .pro import ProgressiveSearch, ProResult, ProStage
-from .retrain import retrain_optimizer
-from .search import BilevelSearch
 from .space import SearchSpace, count_parameters, reinitialize
+
+# The drivers that build a MultiTaskOptimizer: name -> module, loaded on first access.
+_DRIVERS = {"BilevelSearch": "search", "ProgressiveSearch": "pro", "ProResult": "pro",
+            "ProStage": "pro", "retrain_optimizer": "retrain"}
 
 __all__ = [
     "Architecture",
@@ -41,3 +47,13 @@ __all__ = [
     "retrain_optimizer",
     "segment_gramians",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DRIVERS:
+        return getattr(importlib.import_module(f"{__name__}.{_DRIVERS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

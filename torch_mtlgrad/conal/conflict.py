@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._flat import FlatLayout
+from ..capture.layout import FlatLayout
 
 __all__ = ["ConflictNoticing", "SegmentGramian", "first_conflict", "segment_gramians"]
 

@@ -88,10 +88,11 @@ class DWA(WeightedAggregator):
                             torch.ones_like(prev1))
         return T * torch.softmax(ratio / self.temperature, dim=0), ratio
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         if losses is None:
             raise ValueError("DWA needs the loss values: agg(J, losses)")
-        T = J.shape[0]
+        T = num_tasks
         tracked = self.running if self.running is not None else self.history
         if tracked is not None and tracked.shape[-1] != T:
             raise ValueError(f"DWA was tracking {tracked.shape[-1]} tasks, got J with {T} rows; "
@@ -102,7 +103,7 @@ class DWA(WeightedAggregator):
                 t = int(bad[0])
                 raise ValueError(f"task {t} has loss {float(losses[t])!r}: DWA's loss ratios "
                                  "need non-negative losses")
-        lam, ratio = self.current_weights(T, J)
+        lam, ratio = self.current_weights(T, torch.empty((), dtype=dtype, device=device))
         self.diagnostics = {"loss_ratio": ratio, "epoch": torch.tensor(float(self.completed + 1))}
         L = losses.detach()
         self.running = L.clone() if self.running is None else self.running.to(L) + L

@@ -127,17 +127,18 @@ class FAMO(WeightedAggregator):
         self._update(self.prev_losses, self._shifted(after))
         self.prev_losses = None
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         if losses is None:
             raise ValueError("FAMO needs the loss values: agg(J, losses)")
-        T = J.shape[0]
+        T = num_tasks
         D = self._shifted(losses)
         if self._xi.value is None:
-            self._xi.init(torch.zeros(T, dtype=J.dtype, device=J.device))
+            self._xi.init(torch.zeros(T, dtype=dtype, device=device))
         if self._xi.get().shape[0] != T:
             raise ValueError(f"FAMO was tracking {self._xi.get().shape[0]} tasks, got J with {T} "
                              "rows; call reset() to start over")
-        delta = torch.full((T,), float("nan"), dtype=J.dtype, device=J.device)
+        delta = torch.full((T,), float("nan"), dtype=dtype, device=device)
         if self.prev_losses is not None:
             delta = self._update(self.prev_losses, D)
         z = torch.softmax(self._xi.get(), dim=0)
@@ -145,7 +146,7 @@ class FAMO(WeightedAggregator):
         w = q / q.sum()
         self.prev_losses = D.detach().clone()
         self.diagnostics = {"z": z, "delta": delta}
-        return w.to(J.dtype)
+        return w.to(dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"logits": self._xi.state_dict(),

@@ -97,25 +97,39 @@ class GradNorm(WeightedAggregator):
         return None if self._w.value is None else self._w.get()
 
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
-        # Only diag(G) is needed: row norms of J, without forming the Gramian.
-        w = self.weighting(J, None, losses)
-        self.weights = w
-        return w @ J
-
-    def _norms(self, J: Tensor, G: Tensor | None) -> Tensor:
+        # Only the row norms are needed (of the layer's columns with layer=), without forming G.
         if self.layer is not None:
             start, end = self.layer
             if end > J.shape[1]:
                 raise ValueError(f"layer={self.layer} is outside J's {J.shape[1]} columns")
-            return J[:, start:end].norm(dim=1)
-        if G is not None:
-            return torch.diagonal(G).clamp_min(0).sqrt()
-        return J.norm(dim=1)
+            norms = J[:, start:end].norm(dim=1)
+        else:
+            norms = J.norm(dim=1)
+        w = self._update(norms, losses, J.shape[0], J.dtype, J.device)
+        self.weights = w
+        return w @ J
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    @property
+    def from_gramian(self) -> bool:
+        """The norms of the whole gradients are ``sqrt(diag G)``; one layer's need ``J``."""
+        return self.layer is None
+
+    @property
+    def runs_on_features(self) -> bool:
+        return self.layer is None
+
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.layer is not None or G is None:
+            raise ValueError("GradNorm with layer= reads J's columns: call agg(J, losses)")
+        return self._update(torch.diagonal(G).clamp_min(0).sqrt(), losses, num_tasks, dtype, device)
+
+    def _update(self, norms: Tensor, losses: Tensor | None, num_tasks: int, dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+        """The weights of this call from the task gradients' norms; one step of eq. 2."""
         if losses is None:
             raise ValueError("GradNorm needs the loss values: agg(J, losses)")
-        T = J.shape[0]
+        T = num_tasks
         if self.initial_losses is None:
             bad = (~(losses > 0)).nonzero().flatten()
             if bad.numel():
@@ -123,12 +137,12 @@ class GradNorm(WeightedAggregator):
                 raise ValueError(f"task {t} has initial loss {float(losses[t])!r}: GradNorm "
                                  "divides by the first losses L_i(0), which must be positive")
             self.initial_losses = losses.detach().clone()
-            self._w.init(torch.ones(T, dtype=J.dtype, device=J.device))
+            self._w.init(torch.ones(T, dtype=dtype, device=device))
         w = self._w.get()
         if w.shape[0] != T:
             raise ValueError(f"GradNorm was tracking {w.shape[0]} tasks, got J with {T} rows; "
                              "call reset() to start over")
-        norms = self._norms(J, G).to(w.dtype)
+        norms = norms.to(w.dtype)
         L = losses.to(w.dtype)
         L0 = self.initial_losses.to(device=w.device, dtype=w.dtype)
         loss_ratio = L / L0
@@ -148,7 +162,7 @@ class GradNorm(WeightedAggregator):
         total = torch.where(restart, torch.full_like(total, float(T)), total)
         self._w.assign(new * (T / total))
         self.diagnostics["restarted"] = restart.to(new.dtype)
-        return used.to(J.dtype)
+        return used.to(dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"weights": self._w.state_dict(),

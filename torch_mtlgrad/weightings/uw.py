@@ -79,12 +79,13 @@ class UncertaintyWeighting(WeightedAggregator):
         """The current log variances ``s`` (``None`` before the first call)."""
         return None if self._s.value is None else self._s.get()
 
-    def weighting(self, J: Tensor, G: Tensor | None, losses: Tensor | None) -> Tensor:
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
         if losses is None:
             raise ValueError("UncertaintyWeighting needs the loss values: agg(J, losses)")
-        T = J.shape[0]
+        T = num_tasks
         if self._s.value is None:
-            self._s.init(torch.full((T,), self.init_log_var, dtype=J.dtype, device=J.device))
+            self._s.init(torch.full((T,), self.init_log_var, dtype=dtype, device=device))
         s = self._s.get()
         if s.shape[0] != T:
             raise ValueError(f"UncertaintyWeighting was tracking {s.shape[0]} tasks, got J with "
@@ -93,7 +94,7 @@ class UncertaintyWeighting(WeightedAggregator):
         w = torch.exp(-s)
         self.diagnostics = {"log_var": s.clone(), "objective": (w * L + s).sum()}
         self._s.step(1 - w * L)
-        return w.to(J.dtype)
+        return w.to(dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_var": self._s.state_dict()}

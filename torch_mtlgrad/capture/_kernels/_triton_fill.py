@@ -1,4 +1,4 @@
-"""The Triton kernels behind :mod:`torch_mtlgrad._kernels.fused_rows` (imported on first use).
+"""The Triton kernels behind :mod:`torch_mtlgrad.capture._kernels.fused_rows` (imported on first use).
 
 ``fill_rows_kernel``: program ``(tile, r)`` copies one tile (``CHUNK`` elements) of one
 parameter's gradient into row ``r`` of a block of ``J``, casting to the row's dtype, and writes the

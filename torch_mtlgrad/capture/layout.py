@@ -1,4 +1,5 @@
-"""Flat layout of the shared parameters: offsets, module segments, rows of J, write-back.
+"""Flat layout of the shared parameters (offsets, module segments, rows of J) and the write-back
+of the direction into their ``.grad`` (:class:`SharedGrads`).
 
 The layout is computed once from the list of shared parameters and reused every step.  Column
 ``offsets[i] : offsets[i] + numels[i]`` of ``J`` belongs to ``params[i]`` (flattened in its own
@@ -12,7 +13,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlatLayout"]
+from ..aggregators.blocks import weighted_blocks
+
+__all__ = ["FlatLayout", "SharedGrads"]
 
 
 class FlatLayout:
@@ -136,3 +139,86 @@ class FlatLayout:
         out = torch.empty(self.numel, device=self.device, dtype=dtype or self.dtype or torch.float32)
         self.fill_row(out, tensors)
         return out
+
+
+class SharedGrads:
+    """The shared parameters' ``.grad``: views of one flat ``[D]`` buffer kept across steps (one
+    dtype), or one tensor per parameter (mixed dtypes).  The write-back of the step.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> grads = SharedGrads(FlatLayout(list(lin.parameters())))
+        >>> grads.write(torch.arange(3.0), [None, None])
+        >>> lin.weight.grad.tolist(), lin.bias.grad.tolist()
+        ([[0.0, 1.0]], [2.0])
+    """
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        self._flat: Tensor | None = None
+
+    def buffer(self) -> Tensor:
+        """The flat ``[D]`` buffer the ``.grad`` are views of (one dtype), kept across steps."""
+        layout = self.layout
+        buf = self._flat
+        if buf is None or buf.dtype != layout.dtype:
+            buf = self._flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+        return buf
+
+    def point(self, buf: Tensor) -> None:
+        """Make each shared ``.grad`` a view of ``buf``."""
+        for p, v in zip(self.layout.params, self.layout.views(buf)):
+            p.grad = v
+
+    def write(self, d: Tensor, prior: Sequence[Tensor | None]) -> None:
+        """Write ``d`` into the shared ``.grad``, added to what they held before the step
+        (``prior``), as ``backward()`` accumulates."""
+        layout = self.layout
+        if layout.dtype is None:  # mixed dtypes: one tensor per parameter
+            for p, v, g in zip(layout.params, layout.views(d), prior):
+                p.grad = v.to(p.dtype).clone() if g is None else g.add_(v.to(g.dtype))
+            return
+        buf = self.buffer()
+        if all(g is None for g in prior):
+            buf.copy_(d)
+        else:
+            views = layout.views(buf)
+            ours = all(g is not None and g.data_ptr() == v.data_ptr() for g, v in zip(prior, views))
+            if not ours:
+                layout.fill_row(buf, [None if g is None else g.to(buf.dtype) for g in prior])
+            buf.add_(d.to(buf.dtype))
+        self.point(buf)
+
+    def write_blocks(self, w: Tensor, mats: Sequence[Tensor | None],
+                     prior: Sequence[Tensor | None]) -> None:
+        """Write ``d = w^T J`` from the Gramian path's per-parameter blocks (``[T, n_i]``): straight
+        into the flat buffer, parameter by parameter, when nothing is accumulated and the dtypes
+        agree (no ``[D]`` temporary); else through :meth:`write`."""
+        layout = self.layout
+        if layout.dtype == w.dtype and all(g is None for g in prior):
+            buf = self.buffer()
+            weighted_blocks(w, mats, [buf[o : o + n] for o, n in zip(layout.offsets, layout.numels)])
+            self.point(buf)
+            return
+        d = torch.empty(layout.numel, dtype=w.dtype, device=w.device)
+        weighted_blocks(w, mats, [d[o : o + n] for o, n in zip(layout.offsets, layout.numels)])
+        self.write(d, prior)
+
+    def restore(self, prior: Sequence[Tensor | None]) -> None:
+        """Put back the ``.grad`` the shared parameters held before the step."""
+        for p, g in zip(self.layout.params, prior):
+            p.grad = g
+
+    @staticmethod
+    def write_specific(params: Sequence[Tensor], grads: Sequence[Tensor | None], add: bool) -> None:
+        """The task-specific tensors' summed gradients: added to their ``.grad`` (``add``), or set
+        (a legacy loop, whose ``.grad`` already hold them)."""
+        for p, g in zip(params, grads):
+            if not add:
+                p.grad = g
+            elif g is None:
+                continue
+            elif p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g)

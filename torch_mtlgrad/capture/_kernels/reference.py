@@ -12,7 +12,7 @@ dtype on the way), plus two statistics of the values *as written into the row*:
 
 :func:`fill_rows_reference` does the same for a block of rows ``[R, D]`` from batched gradients
 ``[R, *shape]`` (the batched capture modes).  The Triton kernel in
-:mod:`torch_mtlgrad._kernels.fused_rows` computes the same numbers in one pass; this module is
+:mod:`torch_mtlgrad.capture._kernels.fused_rows` computes the same numbers in one pass; this module is
 its reference in the tests and its fallback where Triton or CUDA is absent.
 """
 
@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ...aggregators import work_dtype
 
 __all__ = [
     "RowStats",
@@ -37,8 +39,9 @@ __all__ = [
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the statistics for a row of ``dtype``: float64 stays, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Accumulation dtype of the statistics for a row of ``dtype``: the aggregation's work dtype
+    (:func:`torch_mtlgrad.aggregators.work_dtype`: float64 stays, else float32)."""
+    return work_dtype(dtype)
 
 
 class RowStats(NamedTuple):

@@ -7,12 +7,12 @@ the per-parameter gradient tensors, and in the same pass over the data:
 * counts the NaN/Inf values of each parameter's gradient (as written into the row), on the
   device, without synchronising;
 * computes each parameter's squared norm (per-task and per-module norms follow by a tiny
-  reduction, :func:`~torch_mtlgrad._kernels.reference.segment_sq_norms`).
+  reduction, :func:`~torch_mtlgrad.capture._kernels.reference.segment_sq_norms`).
 
 Without the fusion these are four passes over ``J``: the copy, a cast, ``isfinite`` and the
 norms.  :func:`fill_row_fused` / :func:`fill_rows_fused` choose the Triton kernel for CUDA
 tensors when Triton is importable (and ``TORCH_MTLGRAD_TRITON`` is not ``0``), else the
-pure-PyTorch twin of :mod:`torch_mtlgrad._kernels.reference`, which computes the same numbers
+pure-PyTorch twin of :mod:`torch_mtlgrad.capture._kernels.reference`, which computes the same numbers
 (to the rounding of the sums) on any device.
 
 How the kernel is laid out:

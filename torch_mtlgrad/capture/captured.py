@@ -1,0 +1,98 @@
+"""The one object a capture hands to the rest of the step, and the buffers it fills."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..aggregators import work_dtype
+from ._kernels import RowStats
+from .layout import FlatLayout
+
+__all__ = ["CaptureBuffers", "Captured"]
+
+
+@dataclass
+class Captured:
+    """What one step captured: the rows of ``J`` or the per-parameter gradient blocks, the loss
+    values, the task-specific gradients and the mode that ran.
+
+    Attributes:
+        mode: the capture that ran (``"loop"``, ``"batched"``, ``"feature"``,
+            ``"representation"`` or ``"task hooks"``).
+        values: ``[T]`` detached loss values in the work dtype (``None``: a legacy loop without
+            ``loss=``).
+        J: ``[T, D]`` rows of the task Jacobian (``[T, F]``: the features' gradients in the
+            representation mode); ``None`` on the Gramian path.  Times the GradScaler scale
+            when one is on.
+        blocks: the Gramian path's per-parameter gradient blocks ``[T, *shape]`` (``None`` where
+            no task reaches a parameter), instead of ``J``.
+        stats: per-(task, parameter) statistics recorded while ``J`` was filled (NaN/Inf counts,
+            squared norms), or ``None``.
+        params: the task-specific tensors; ``grads`` their summed gradients of this step.
+        add_grads: ``True``: ``grads`` are added to the ``.grad`` (``backward``); ``False``: the
+            ``.grad`` already hold them and are set to ``grads`` (a legacy loop, where a plugin's
+            ``synchronize`` may have replaced entries).
+        prior: the shared parameters' ``.grad`` before this step (the direction is added).
+        zero_rows: tasks whose gradient of the shared parameters is zero, when known.
+        lift: the representation mode's map from a direction over the features to one over the
+            shared parameters (one backward through the encoder); ``what`` names the rows' space
+            for messages.
+        name_tasks: refills ``J`` by the per-task loop on the kept graph, used only to name the
+            task of a non-finite value after a batched pass (which spreads it over every row).
+        seconds: wall time of the capture (for ``capture="timed"``).
+    """
+
+    mode: str
+    values: Tensor | None
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    prior: list[Tensor | None]
+    J: Tensor | None = None
+    blocks: list[Tensor | None] | None = None
+    stats: RowStats | None = None
+    add_grads: bool = True
+    zero_rows: list[int] = field(default_factory=list)
+    lift: Callable[[Tensor], Tensor] | None = None
+    what: str = ""
+    name_tasks: Callable[[Tensor], None] | None = None
+    seconds: float = 0.0
+
+    @property
+    def num_tasks(self) -> int:
+        if self.J is not None:
+            return self.J.shape[0]
+        assert self.values is not None
+        return self.values.shape[0]
+
+
+class CaptureBuffers:
+    """``J`` (``[T, D]``) and its row statistics, allocated once per (T, dtype) and reused."""
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        self.dtype = work_dtype(layout.dtype)
+        self.J: Tensor | None = None
+        self._stats: RowStats | None = None
+        self._stats_key: tuple[object, ...] | None = None
+
+    def jacobian(self, T: int) -> Tensor:
+        """The ``[T, D]`` buffer in the work dtype."""
+        if self.J is None or self.J.shape[0] != T or self.J.dtype != self.dtype:
+            self.J = torch.empty(T, self.layout.numel, dtype=self.dtype, device=self.layout.device)
+        return self.J
+
+    def row_stats(self, T: int, *, norms: bool, check: bool) -> RowStats | None:
+        """``[T, P]`` buffers for the squared norms (``norms``) and NaN/Inf counts (``check``) of
+        the rows, or ``None`` when neither is wanted."""
+        if not (check or norms):
+            return None
+        key = (T, self.dtype, norms, check)
+        if self._stats is None or self._stats_key != key:
+            self._stats = RowStats.empty(len(self.layout.params), T, self.dtype, self.layout.device,
+                                         norms=norms, check=check)
+            self._stats_key = key
+        return self._stats

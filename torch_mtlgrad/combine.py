@@ -1,0 +1,182 @@
+"""Combine: from what a step captured to the direction of the shared parameters.
+
+    synchronise (plugins' collectives) -> unscale (GradScaler) -> check (the non-finite policy)
+      -> plugins' transform -> aggregator -> lift (representation mode) -> :class:`Outcome`
+
+The Gramian path does the same from per-parameter gradient blocks: ``G`` from the blocks, the
+check on ``G``, the weights from ``G`` (:mod:`torch_mtlgrad.aggregators.blocks`); only a
+non-finite value makes it build ``J``, to name the task.  Nothing is written here: the outcome says
+what the write-back stage writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import NonFinitePolicy, ZeroRowWarning, all_finite, find_nonfinite
+from .aggregators import Aggregator
+from .aggregators.blocks import block_matrices, block_row_norms, gramian_of_blocks
+from .capture import CaptureBuffers, Captured, RowStats, jacobian_from_blocks
+from .diagnostics import gramian_step_diagnostics, step_diagnostics
+from .plugins import call_hook, has_hook, plugin_diagnostics
+
+__all__ = ["Combiner", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What the write-back stage does with a step.
+
+    Exactly one of: ``skip`` (the non-finite policy skipped the step: nothing is written),
+    ``overflow`` (a GradScaler overflow: NaN goes into the shared ``.grad`` so that
+    ``scaler.step`` skips and ``scaler.update`` lowers the scale), ``direction`` (``[D]``, times
+    the GradScaler scale) or ``weights`` with ``blocks`` (the Gramian path: ``d = w^T J`` is
+    written parameter by parameter; under GradScaler the blocks are scaled, so is ``d``).
+    """
+
+    skip: bool = False
+    overflow: bool = False
+    direction: Tensor | None = None
+    weights: Tensor | None = None
+    blocks: list[Tensor | None] | None = None
+    diagnostics: dict[str, Tensor] | None = field(default=None)
+
+
+class Combiner:
+    """The combine stage of a :class:`~torch_mtlgrad.MultiTaskOptimizer`.
+
+    Args:
+        aggregator: the method.
+        plugins: the plugins, in order (``synchronize`` then ``transform`` hooks).
+        policy: the non-finite policy.
+        zero_rows: the once-per-task warning for rows of ``J`` that are zero.
+        buffers: the ``J`` buffer the Gramian path fills when it must name a non-finite task.
+        scaler: a ``torch.amp.GradScaler`` or ``None``.
+        diagnostics: whether to compute the step's diagnostics.
+    """
+
+    def __init__(self, aggregator: Aggregator, plugins: Sequence[Any], policy: NonFinitePolicy,
+                 zero_rows: ZeroRowWarning, buffers: CaptureBuffers, scaler: Any = None,
+                 diagnostics: bool = True) -> None:
+        self.aggregator, self.plugins, self.policy = aggregator, plugins, policy
+        self.zero_rows, self.buffers, self.scaler = zero_rows, buffers, scaler
+        self.diagnostics = diagnostics
+
+    @property
+    def sync_plugins(self) -> list[Any]:
+        """The plugins with a collective ``synchronize`` (e.g. ``distributed.JacobianAllReduce``)."""
+        return [p for p in self.plugins if has_hook(p, "synchronize")]
+
+    @property
+    def scaling(self) -> bool:
+        """A GradScaler is on: the captured gradients are times its scale."""
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def scale_factor(self, like: Tensor) -> Tensor:
+        """GradScaler's current scale as a 0-d tensor of ``like``'s dtype and device."""
+        return self.scaler.scale(torch.ones((), dtype=like.dtype, device=like.device))
+
+    def __call__(self, captured: Captured) -> Outcome:
+        self.zero_rows(captured.zero_rows)
+        if captured.blocks is not None:
+            return self._from_blocks(captured)
+        return self._from_jacobian(captured)
+
+    # -- J ---------------------------------------------------------------------------------------
+    def _from_jacobian(self, c: Captured) -> Outcome:
+        J = c.J
+        assert J is not None
+        values = None if c.values is None else c.values.to(J.dtype)
+        stats = c.stats
+        sync = self.sync_plugins
+        if stats is not None and sync:
+            stats = RowStats(stats.sq_norms, None)  # J changes in synchronize: count afresh
+        for plugin in sync:  # in place, before any check: a NaN on one rank reaches all
+            plugin.synchronize(J, values, c.grads, c.params)
+        scale = self.scale_factor(J) if self.scaling else None
+        if scale is not None:
+            J.div_(scale)
+        if self.policy.checked or scale is not None:
+            what = c.what if c.lift is not None else None
+            counts = None if stats is None else stats.nonfinite
+            bad = find_nonfinite(J, values, c.grads, c.params, self.buffers.layout, what, counts)
+            if bad is not None and scale is not None:
+                log.info("GradScaler overflow: %s; the shared .grad is NaN, scaler.step() skips", bad)
+                return Outcome(overflow=True)
+            if bad is not None:
+                if c.name_tasks is not None and not sync:
+                    # A batched pass spreads one task's NaN over every row: the loop on the kept
+                    # graph names the task (for the message only; the decision is made).
+                    c.name_tasks(J)
+                    bad = find_nonfinite(J, values, c.grads, c.params, self.buffers.layout,
+                                         what) or bad
+                return Outcome(skip=self.policy.apply(bad))
+        agg = self.aggregator
+        if agg.needs_losses and values is None:
+            raise ValueError(f"{type(agg).__name__} reads the loss values: in a legacy loop pass them "
+                             "as opt.task(t, loss=loss_t)")
+        Jw = J
+        for plugin in self.plugins:
+            Jw = call_hook(plugin, "transform", Jw, values, default=Jw)
+        result = agg.aggregate(Jw, values)
+        d = result.direction
+        assert d is not None
+        d_params = c.lift(d) if c.lift is not None else d
+        if scale is not None:
+            d_params = d_params * scale
+        diag = None
+        if self.diagnostics:
+            diag = step_diagnostics(Jw, d, result.weights)
+            if stats is not None and stats.sq_norms is not None:
+                sq = stats.sq_norms if scale is None else stats.sq_norms / scale.square()
+                diag["param_grad_norms"] = sq.sqrt()
+            diag.update(result.diagnostics)
+            diag.update(plugin_diagnostics(self.plugins))
+        return Outcome(direction=d_params, diagnostics=diag)
+
+    # -- Per-parameter blocks (the Gramian path) --------------------------------------------------
+    def _from_blocks(self, c: Captured) -> Outcome:
+        assert c.blocks is not None and c.values is not None
+        T = c.values.shape[0]
+        layout = self.buffers.layout
+        wd = self.buffers.dtype
+        mats = block_matrices(c.blocks, T, wd)
+        G = gramian_of_blocks(mats, T, wd, layout.device)
+        lw = c.values.to(wd)
+        scale = None
+        if self.scaling:
+            # The blocks hold scale * gradients: G / scale^2 is the unscaled Gramian and w^T
+            # blocks the scaled direction that scaler.step() unscales (both exact for the
+            # power-of-two scales GradScaler uses: the same bits as the path through J).
+            scale = self.scale_factor(G)
+            G = G / scale.square()
+        if self.policy.checked or scale is not None:
+            if not all_finite(torch.isfinite(G).all(), lw, c.grads):
+                # Only now is J built: the J path names the culprit, or lets GradScaler skip.
+                J = self.buffers.jacobian(T)
+                if c.name_tasks is not None and scale is None:
+                    c.name_tasks(J)
+                else:
+                    jacobian_from_blocks(layout, J, c.blocks)
+                return self._from_jacobian(replace(c, J=J, blocks=None, stats=None, name_tasks=None,
+                                                   zero_rows=[]))
+            if self.policy.checked:
+                self.zero_rows((torch.diagonal(G) == 0).nonzero().flatten().tolist())
+        result = self.aggregator.aggregate_gramian(G, lw)
+        w = result.weights
+        assert w is not None
+        diag = None
+        if self.diagnostics:
+            diag = gramian_step_diagnostics(G, w)
+            norms = block_row_norms(mats, T, wd, G.device)
+            diag["param_grad_norms"] = norms / scale if scale is not None else norms
+            diag.update(result.diagnostics)
+        return Outcome(weights=w, blocks=mats, diagnostics=diag)
