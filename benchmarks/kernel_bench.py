@@ -1,4 +1,4 @@
-"""The fused row kernel against the ways PyTorch can build one row of J (issue 9, "The kernel").
+"""The fused row kernel against the ways PyTorch can build one row of J.
 
 One ResNet-18 row: the 62 gradient tensors of torchvision's ``resnet18`` (11.69 M values,
 93.5 MB moved in float32: each value read once and written once) copied into a ``[D]`` row.

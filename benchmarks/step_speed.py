@@ -1,6 +1,5 @@
 """Speed and peak memory of one multi-task step: torch_mtlgrad's capture modes against
-``sum(losses).backward()``, TorchJD and a LibMTL-style loop (issue 8, "Benchmark"; issue 9 runs
-the same script on a GPU).
+``sum(losses).backward()``, TorchJD and a LibMTL-style loop (the same script runs on a GPU).
 
 Setup (the issue's): a shared encoder, one linear head per task, a batch of 64 inputs of
 3 x 64 x 64, T = 3, 10, 40.  The encoder is torchvision's ResNet-18 up to its average pool

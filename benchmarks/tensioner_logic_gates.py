@@ -1,11 +1,11 @@
-"""Rerun of the tensioner paper's XOR/AND ablation (section 4.2, Tables 1 and 2; SPEC section 10).
+"""Rerun of the tensioner paper's XOR/AND ablation (section 4.2, Tables 1 and 2).
 
 The experiment: a shared ``Linear(2, 2)`` + sigmoid, one ``Linear(2, 1)`` head per task, MSE,
 SGD with momentum 0.9, the four inputs of the truth table shuffled into two mini-batches of two
 per epoch, the XOR targets multiplied by ``c`` (``c = 1``: Table 1, ``c = 10``: Table 2), at most
 3000 epochs, 50 seeds, learning rates {5e-5, 1e-4, 5e-3, 1e-3, 5e-2, 1e-2}.
 
-The authors' protocol (their public code, tiemink/MTL_TaskTensioner; SPEC section 10):
+The authors' protocol (their public code, tiemink/MTL_TaskTensioner):
 
 * initial weights fixed: ``torch.manual_seed(136)``, then the shared layer, then the heads of the
   tasks present in the order AND, XOR (their ``model_selector``: in a single-XOR run the XOR head
@@ -230,7 +230,7 @@ def batched_base_weights(base: str, G: Tensor) -> Tensor:
     """``[R, T]`` weights of the base direction for each run's Gramian ``G`` (``[R, T, T]``).
 
     ``"sum"``/``"mean"``: equal weights; ``"mgda"``: the library's two-task closed form, applied
-    elementwise over runs; ``"central"``: the two-task bisector of SPEC section 3,
+    elementwise over runs; ``"central"``: the two-task bisector (eq. 3-4),
     ``c_m = (1/||g_m||) / sum_k (1/||g_k||)``, with the library's guard for zero rows.
     """
     R, T, _ = G.shape
@@ -256,7 +256,7 @@ def batched_base_weights(base: str, G: Tensor) -> Tensor:
 
 
 class BatchedTension:
-    """Task tensioners (paper eq. 5-8, SPEC section 4, ``feasibility="segment"``) over R runs.
+    """Task tensioners (paper eq. 5-8, ``feasibility="segment"``) over R runs.
 
     Keeps, per run, the window of gradient norms; mirrors
     :class:`torch_mtlgrad.aggregators.Tensioned` step for step (row-space bookkeeping

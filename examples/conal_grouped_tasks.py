@@ -1,4 +1,4 @@
-"""CoNAL and CoNAL-Pro on generated tasks with planted groups (issue 4, "Show it works").
+"""CoNAL and CoNAL-Pro on generated tasks with planted groups: the search finds them.
 
 The data (``torch_mtlgrad.conal.synthetic.grouped_regression``): every group of tasks reads its
 own random teacher feature of the input; tasks of a group agree, tasks of different groups need

@@ -1,4 +1,4 @@
-"""The shared solvers against cvxpy and the KKT conditions (SPEC section 2)."""
+"""The shared solvers against cvxpy and the KKT conditions."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ def _safe(x: Tensor) -> Tensor:
 
 
 def cosine_matrix(G: Tensor) -> Tensor:
-    """Pairwise cosines ``G_ij / (||g_i|| ||g_j||)``; 0 where a gradient is zero.
+    """Pairwise cosines ``G_ij / (||g_i|| ||g_j||)`` from a Gramian ``[..., T, T]`` (batched over
+    leading dimensions, e.g. one Gramian per module); 0 where a gradient is zero.
 
     Example:
         >>> J = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
@@ -25,8 +26,9 @@ def cosine_matrix(G: Tensor) -> Tensor:
         tensor([[1.0000, 0.7071],
                 [0.7071, 1.0000]])
     """
-    n = torch.diagonal(G).clamp_min(0).sqrt()
-    cos = G / _safe(n[:, None] * n[None, :])
+    n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    den = n[..., :, None] * n[..., None, :]
+    cos = torch.where(den > 0, G / _safe(den), torch.zeros_like(G))
     return cos.clamp(-1, 1)
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel multi-task training on ``torch.distributed`` (SPEC section 1; issue 7).
+"""Data-parallel multi-task training on ``torch.distributed``.
 
 With ``N`` data-parallel ranks, each rank sees its own slice of the batch and captures its own
 task Jacobian ``J_r`` (``[T, D]``).  Every aggregator in this library is non-linear in ``J``, so

@@ -1,4 +1,4 @@
-"""Mean, Sum, MinNorm, Central and Tensioned (SPEC sections 2-4) against float64 references."""
+"""Mean, Sum, MinNorm, Central and Tensioned (MGDA: Sener and Koltun 2018; central direction and tensioners: the task-tensioner paper, eq. 3-8) against float64 references."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_central_zero_rows() -> None:
 
 def reference_tension(Js: list[np.ndarray], losses: list[np.ndarray], base, alpha: float,
                       window: int, feasibility: str) -> list[np.ndarray]:
-    """Eq. 5-8 step by step with explicit vectors (float64), the segment fix as in SPEC 4."""
+    """Eq. 5-8 step by step with explicit vectors (float64), with the segment fix for the feasibility of the tensioned direction."""
     hist: list[np.ndarray] = []
     out = []
     for J, L in zip(Js, losses):

@@ -1,4 +1,4 @@
-"""RLW (Lin et al. 2022; SPEC section 5: w ~ U[0,1]^T normalised to sum 1) against the draws
+"""RLW (Lin et al. 2022, with CoNAL's retraining distribution: w ~ U[0,1]^T normalised to sum 1) against the draws
 recomputed from the seed, its distribution, the shared RandomSource, and TorchJD 0.18's Random
 (the softmax-of-normal variant)."""
 

@@ -6,7 +6,7 @@ sync check is ``tests/test_capture.py::test_sync_free_steps``.)
 
 * ``test_step_is_sync_free``: whole training steps (forward, ``opt.backward(losses)``,
   ``opt.step()``) with ``nonfinite="unchecked"``, diagnostics on and off, loop and feature
-  capture, for the methods the spec lists as sync-free: mean, min-norm with the fixed-iteration
+  capture, for the methods that can run sync-free: mean, min-norm with the fixed-iteration
   solver, central, the tensioner, PCGrad with a fixed order, IMTL-G, CAGrad's closed form (T = 2)
   and CoNAL's conflict noticing.  Any host-device synchronisation raises inside the step.
 * ``test_aggregation_replays_in_a_cuda_graph``: aggregator + write-back into the flat ``.grad``

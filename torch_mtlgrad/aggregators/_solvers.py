@@ -22,6 +22,7 @@ device of ``G`` and never synchronises with the host; it is approximate.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -230,6 +231,25 @@ def project_simplex(v: Tensor) -> Tensor:
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
+def fista(step: Callable[[Tensor], Tensor], project: Callable[[Tensor], Tensor], x0: Tensor,
+          iters: int) -> Tensor:
+    """``iters`` accelerated projected-gradient steps (FISTA, Beck and Teboulle, SIAM J. Imaging
+    Sciences 2009): ``x_{k+1} = project(step(y_k))`` with Nesterov's momentum on ``y``.  ``step``
+    is the gradient step ``y - grad f(y) / L``; no host synchronisation.
+
+    Example:
+        >>> fista(lambda y: y - (y - 3.0) / 1.0, lambda x: x.clamp_max(2.0), torch.zeros(1), 5)
+        tensor([2.])
+    """
+    x, y, t = x0, x0, 1.0
+    for _ in range(iters):
+        x_next = project(step(y))
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = x_next + ((t - 1) / t_next) * (x_next - x)
+        x, t = x_next, t_next
+    return x
+
+
 def min_norm_weights_pgd(G: Tensor, iters: int = 250) -> Tensor:
     """Approximate min-norm weights by ``iters`` accelerated projected-gradient steps (sync-free).
 
@@ -241,14 +261,7 @@ def min_norm_weights_pgd(G: Tensor, iters: int = 250) -> Tensor:
     Gn = G / s
     lip = torch.diagonal(Gn).sum().clamp_min(1e-12)
     w = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
-    y = w
-    t = 1.0
-    for _ in range(iters):
-        w_next = project_simplex(y - (Gn @ y) / lip)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        y = w_next + ((t - 1) / t_next) * (w_next - w)
-        w, t = w_next, t_next
-    return w
+    return fista(lambda y: y - (Gn @ y) / lip, project_simplex, w, iters)
 
 
 def dual_cone_weights(G: Tensor, b: Tensor, warm: dict | None = None) -> Tensor:
@@ -302,12 +315,6 @@ def dual_cone_weights_pgd(G: Tensor, b: Tensor, iters: int = 200) -> Tensor:
     s = torch.diagonal(G).amax().clamp_min(torch.finfo(G.dtype).tiny)
     Gn, Bn = G / s, B / s
     lip = torch.diagonal(Gn).sum().clamp_min(1e-12)
-    lam = torch.zeros_like(Bn)
-    y = lam
-    t = 1.0
-    for _ in range(iters):
-        lam_next = (y - (Gn @ y + Bn) / lip).clamp_min(0)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        y = lam_next + ((t - 1) / t_next) * (lam_next - lam)
-        lam, t = lam_next, t_next
+    lam = fista(lambda y: y - (Gn @ y + Bn) / lip, lambda x: x.clamp_min(0), torch.zeros_like(Bn),
+                iters)
     return lam.reshape(b.shape) if squeeze else lam

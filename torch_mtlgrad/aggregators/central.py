@@ -1,4 +1,4 @@
-"""Central direction (tensioner paper eq. 3-4; SPEC section 3).
+"""Central direction (task-tensioner paper eq. 3-4).
 
 With unit rows ``u_m = g_m / ||g_m||``, ``k* = argmin_{k in simplex} ||k^T U||^2`` (eq. 3) and
 
@@ -6,7 +6,7 @@ With unit rows ``u_m = g_m / ||g_m||``, ``k* = argmin_{k in simplex} ||k^T U||^2
 
 so ``v = sum_m c_m g_m`` with ``c_m = gamma k*_m / ||g_m||`` >= 0 summing to 1: a convex
 combination of the gradients that lies in the central region of their cone.  (The paper prints
-``||u_m||`` in gamma, which is 1; the authors' code and the spec use ``||g_m||``.)  For two tasks
+``||u_m||`` in gamma, which is 1; the authors' code uses ``||g_m||``, and so does this one.)  For two tasks
 it is the bisector ``(g1 ||g2|| + g2 ||g1||) / (||g1|| + ||g2||)``.  Computed from ``G`` only.
 """
 

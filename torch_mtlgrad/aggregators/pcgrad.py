@@ -6,7 +6,7 @@ if ``g_i^PC . g_j < 0`` replace ``g_i^PC`` by its projection onto the normal pla
 
     g_i^PC <- g_i^PC - (g_i^PC . g_j / ||g_j||^2) g_j ;
 
-the direction is the sum ``d = sum_i g_i^PC`` (Algorithm 1's update; SPEC section 5).  Each
+the direction is the sum ``d = sum_i g_i^PC`` (Algorithm 1's update).  Each
 projection is against the *original* ``g_j``, as in the paper.
 
 Every ``g_i^PC`` is a combination ``sum_k C_ik g_k`` of the original rows, and the tests and

@@ -1,8 +1,8 @@
 """Random loss weighting (RLW; Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus
 Test for Multi-Task Learning", TMLR 2022).
 
-Every call draws fresh task weights and returns ``d = w^T J``.  SPEC section 5 fixes the default
-distribution to the one CoNAL's retraining uses: ``u ~ U[0, 1]^T`` normalised to sum 1,
+Every call draws fresh task weights and returns ``d = w^T J``.  The default distribution is the
+one CoNAL's retraining uses (Yue et al., AAAI 2023, eq. 3): ``u ~ U[0, 1]^T`` normalised to sum 1,
 ``w = u / sum_t u_t``.  The RLW paper's own normalisation is a softmax of the sample; its
 standard-normal variant (``w = softmax(z)``, ``z ~ N(0, I)``, the default of LibMTL and TorchJD)
 is ``distribution="normal"``.  The weights need neither ``J`` nor ``G``.
@@ -119,7 +119,7 @@ class RLW(SeededState, WeightedAggregator):
     """Random loss weighting: ``d = w^T J`` with fresh random weights each call (Lin et al. 2022).
 
     Args:
-        distribution: ``"uniform"`` (default, SPEC section 5): ``w = u / sum(u)``,
+        distribution: ``"uniform"`` (default): ``w = u / sum(u)``,
             ``u ~ U[0, 1]^T``; ``"normal"``: ``w = softmax(z)``, ``z ~ N(0, I_T)`` (the RLW
             paper's softmax normalisation of a standard normal sample).
         generator: a :class:`torch.Generator` to draw from (see :class:`RandomSource`).

@@ -1,4 +1,4 @@
-"""Task tensioners on any base direction (tensioner paper eq. 5-8, Algorithms 1-2; SPEC section 4).
+"""Task tensioners on any base direction (tensioner paper eq. 5-8, Algorithms 1-2).
 
 Given the base direction ``v`` (the paper's are min-norm and central; any aggregator works):
 
@@ -12,7 +12,7 @@ Given the base direction ``v`` (the paper's are min-norm and central; any aggreg
 The first ``window`` calls return ``v`` unchanged; call ``window + 1`` is the first tensioned one,
 when ``zeta(t)`` and ``zeta(t-1)`` are both means over full windows (Algorithm 1, line 8).
 
-Choices the paper leaves open (SPEC section 4):
+Choices the paper leaves open, and the ones made here:
 
 * ``alpha = 0`` returns ``v`` exactly, as the paper states.  (Eq. 7 gives ``c_m = 1`` there; the
   unit tensions then cancel for two tasks whenever ``v`` lies between ``g_1`` and ``g_2``, but not

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture.layout import FlatLayout
+from ..diagnostics import cosine_matrix
 
 __all__ = ["ConflictNoticing", "SegmentGramian", "first_conflict", "segment_gramians"]
 
@@ -188,9 +189,7 @@ def _first_positive(pairs: Tensor) -> Tensor:
 
 def cosines_from_gramians(G: Tensor) -> Tensor:
     """``[K, T, T]`` cosines ``G_ij / sqrt(G_ii G_jj)``; 0 where a gradient is zero."""
-    diag = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0)
-    den = torch.sqrt(diag.unsqueeze(-1) * diag.unsqueeze(-2))
-    return torch.where(den > 0, G / den.clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(G))
+    return cosine_matrix(G)
 
 
 class ConflictNoticing:

@@ -18,7 +18,7 @@ group chain one module longer.  After the stage with ``b = 2``, tasks still left
 networks (branch point 1).  A stage holds own copies of levels ``b-1 .. K`` only, for the tasks
 still searching, instead of CoNAL's ``T`` full chains.
 
-Reading choices (the paper leaves them open; SPEC section 6 is followed): every new module is a
+Reading choices (the paper leaves them open): every new module is a
 copy of the trunk module at its level as trained so far (own modules do not carry over from one
 stage to the next: a carried-over own chain would start ahead of the fresh group chain); ties in
 ``alpha`` go to the shared branch, and ``margin`` widens that tie band.

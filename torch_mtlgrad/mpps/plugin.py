@@ -1,7 +1,7 @@
 """MPPS: progressive parameter sharing through per-task masks on a backbone's neurons.
 
 Shi et al., *Deep Multitask Learning with Progressive Parameter Sharing* (ICCV 2023), with the
-choices of SPEC section 7.  :class:`MPPS` attaches forward hooks to chosen layers of a shared
+reading choices below where the paper leaves one open.  :class:`MPPS` attaches forward hooks to chosen layers of a shared
 backbone (default: its last 6 ``Conv2d``/``Linear`` layers) and multiplies their output channels
 (Conv) or output features (Linear) by a mask drawn for the task whose forward is running.
 
@@ -50,7 +50,7 @@ Design decisions (what the paper leaves open):
 * **Outside** :meth:`task` / :meth:`batched`, and whenever the hooked layer is in eval mode, the
   hooks pass the output through unchanged: evaluation uses the full backbone at no extra cost.
 
-Sequential or batched (SPEC section 7, "say which is faster where"): :meth:`task` runs one forward
+Sequential or batched: :meth:`task` runs one forward
 per task (``T`` forwards and ``T`` graphs of the backbone; time about ``T x`` hard sharing, memory
 of ``T`` graphs held until backward, or of one graph when each task's backward follows its
 forward: :meth:`objective` per task with ``MultiTaskOptimizer.task(t)``); :meth:`batched` runs one

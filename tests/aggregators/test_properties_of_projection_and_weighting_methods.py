@@ -1,7 +1,7 @@
 """Shared property tests for PCGrad, GradDrop, GradVac, IMTL-G, CAGrad, Aligned-MTL, RLW and
-Constant (issue 3, SPEC section 5): shapes and dtypes, finiteness on hard matrices, scaling,
+Constant: shapes and dtypes, finiteness on hard matrices, scaling,
 permutation equivariance where the method has it, seeded reproducibility, checkpoint resume,
-composition with the tensioner, and the registry paths the lead wires up.
+composition with the tensioner, and their registry names.
 """
 
 from __future__ import annotations
