@@ -34,10 +34,10 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "moco": (f"{_PKG}.moco", "MoCo", True),
     "rlw": (f"{_PKG}.rlw", "RLW", True),
     "constant": (f"{_PKG}.constant", "Constant", True),
-    "uw": ("torch_mtlgrad.weightings.uw", "UncertaintyWeighting", False),
-    "gradnorm": ("torch_mtlgrad.weightings.gradnorm", "GradNorm", False),
-    "dwa": ("torch_mtlgrad.weightings.dwa", "DWA", False),
-    "famo": ("torch_mtlgrad.weightings.famo", "FAMO", False),
+    "uw": (f"{_PKG}.uw", "UncertaintyWeighting", False),
+    "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
+    "dwa": (f"{_PKG}.dwa", "DWA", False),
+    "famo": (f"{_PKG}.famo", "FAMO", False),
 }
 
 TENSION_SUFFIX = "+tension"

@@ -80,6 +80,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..aggregators import work_dtype
 from .ec import distribution_ec, layer_ec, task_shares
 from .masks import (
     Family,
@@ -227,7 +228,7 @@ class MPPS(nn.Module):
         is_float = isinstance(ref, Tensor) and not isinstance(
             ref, nn.parameter.UninitializedParameter
         )
-        dtype = torch.float64 if is_float and ref.dtype == torch.float64 else torch.float32
+        dtype = work_dtype(ref.dtype if is_float else None)
         device = ref.device if is_float else torch.device("cpu")
         logits = []
         for i, (name, module) in enumerate(named):

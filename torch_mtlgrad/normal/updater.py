@@ -183,10 +183,6 @@ class PositionUpdater:
         (eq. 7 per task, since each position feeds only its own task)."""
         return [self.positions]
 
-    def transform(self, J: Tensor, losses: Tensor) -> Tensor:
-        """Identity: the positions do not change how the shared parameters are combined."""
-        return J
-
     def post_step(self) -> None:
         """Count the step, update the positions on scheduled steps, clear their gradient, record."""
         if self.check_untouched and not torch.equal(self.positions.detach(), self._last):

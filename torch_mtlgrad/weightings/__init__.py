@@ -4,7 +4,8 @@ Each is an :class:`~torch_mtlgrad.aggregators.Aggregator` (``agg(J, losses) -> d
 direction is ``w^T J`` for task weights ``w`` it learns or tracks from the losses (and, for
 GradNorm, the gradient norms) across calls, with its own step size and optimizer; everything it
 keeps is in ``state_dict()``.  They are loss weightings, not directions, so they take no
-``"+tension"``.
+``"+tension"``.  Each lives in its own file under ``torch_mtlgrad/aggregators/`` beside the other
+methods; this package is their namespace.
 
 * :class:`UncertaintyWeighting` (``"uw"``): Kendall, Gal and Cipolla, CVPR 2018.
 * :class:`GradNorm` (``"gradnorm"``): Chen et al., ICML 2018.
@@ -12,9 +13,9 @@ keeps is in ``state_dict()``.  They are loss weightings, not directions, so they
 * :class:`FAMO` (``"famo"``): Liu, Liu, Stone and Liu, NeurIPS 2023.
 """
 
-from .dwa import DWA
-from .famo import FAMO
-from .gradnorm import GradNorm
-from .uw import UncertaintyWeighting
+from ..aggregators.dwa import DWA
+from ..aggregators.famo import FAMO
+from ..aggregators.gradnorm import GradNorm
+from ..aggregators.uw import UncertaintyWeighting
 
 __all__ = ["DWA", "FAMO", "GradNorm", "UncertaintyWeighting"]

@@ -36,8 +36,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..aggregators._base import WeightedAggregator, check_losses
-from ._optim import LearnedVector, OptimizerName
+from ._base import WeightedAggregator, check_losses
+from ._learned import LearnedVector, OptimizerName
 
 __all__ = ["FAMO"]
 

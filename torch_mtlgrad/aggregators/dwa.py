@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..aggregators._base import WeightedAggregator
+from ._base import WeightedAggregator
 
 __all__ = ["DWA"]
 

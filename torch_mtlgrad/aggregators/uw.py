@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..aggregators._base import WeightedAggregator
-from ._optim import LearnedVector, OptimizerName
+from ._base import WeightedAggregator
+from ._learned import LearnedVector, OptimizerName
 
 __all__ = ["UncertaintyWeighting"]
 
