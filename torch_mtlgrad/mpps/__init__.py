@@ -13,7 +13,7 @@ Usable with or without :class:`~torch_mtlgrad.MultiTaskOptimizer`; it imports no
 
 from .ec import distribution_ec, layer_ec, neuron_ec, task_shares
 from .masks import exclusive_phi, kl_bernoulli, kl_divergence, kl_gaussian
-from .plugin import MASKABLE, MPPS
+from .sharing import MASKABLE, MPPS
 from .schedulers import ECScheduler, FullShare, Linear, Quad, Separ, StepN
 from .target import update_target
 

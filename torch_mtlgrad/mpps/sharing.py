@@ -1,8 +1,7 @@
 """MPPS: progressive parameter sharing through per-task masks on a backbone's neurons.
 
-Shi et al., *Deep Multitask Learning with Progressive Parameter Sharing* (ICCV 2023), with the
-reading choices below where the paper leaves one open.  :class:`MPPS` attaches forward hooks to chosen layers of a shared
-backbone (default: its last 6 ``Conv2d``/``Linear`` layers) and multiplies their output channels
+Shi et al., *Deep Multitask Learning with Progressive Parameter Sharing* (ICCV 2023).
+:class:`MPPS` attaches forward hooks to chosen layers of a shared backbone (default: its last 6 ``Conv2d``/``Linear`` layers) and multiplies their output channels
 (Conv) or output features (Linear) by a mask drawn for the task whose forward is running.
 
 One training step::
@@ -17,55 +16,10 @@ One training step::
 ``KL(q_t || p_t)``, plus (Bernoulli) a REINFORCE surrogate whose *value* is zero and whose
 *gradient* is the score-function estimate of ``d E_m[L_t] / d phi[:, t]``.
 
-Design decisions (what the paper leaves open):
-
-* **Parameterisation and optimisation of phi.**  ``phi = sigmoid(logits)``; the logits are the
-  module's parameters (``mpps.parameters()``), one ``[N_l, T]`` tensor per layer.  They are
-  optimised by the user's optimiser, best as their own param group with a larger learning rate
-  than the network (they start at ``logit(0.01) = -4.6``)::
-
-      opt = torch.optim.Adam([{"params": net.parameters()},
-                              {"params": mpps.parameters(), "lr": 1e-2}], lr=1e-3)
-
-  Under :class:`~torch_mtlgrad.MultiTaskOptimizer` they are task-specific parameters: put them in
-  the *wrapped* optimizer (it only differentiates what that optimizer holds) and not in
-  ``shared=``; they then receive the plain sum of the task gradients.  That sum *is* each
-  column's own-task gradient: ``losses[t]`` depends on ``phi[:, t]`` only (guest masks of task
-  ``t`` are drawn from ``phi[:, t]``; owners use mask 1, and ownership, an argmax, carries no
-  gradient; ``KL_t`` and the surrogate involve ``phi[:, t]`` only), so
-  ``d losses[s] / d phi[:, t] = 0`` for ``s != t``.  ``tests/mpps`` checks this.
-* **KL terms** cover every neuron, owner entries included (``KL`` of the parameterised families
-  ``B(phi[:, t])`` / ``N(1, r(phi[:, t])^2)`` against the target's, summed over neurons and
-  layers): this is what pulls the owners' ``phi`` toward the target too.
-* **REINFORCE baseline** (Bernoulli): per task, a bias-corrected exponential moving average of
-  that task's past masked losses (decay ``baseline_decay``, default 0.9; ``None`` disables it).
-  It uses past steps only, so it is independent of the current mask and the estimator stays
-  unbiased; at the first step it is 0.
-* **One mask per task per step**, shared by the whole batch (the paper samples one network per
-  task and step); drawn on entering :meth:`task` / :meth:`batched`.  A layer called several times
-  inside one context reuses the same mask.
-* **Bernoulli masks are not rescaled** (no ``1 / phi`` as in inverted dropout): the paper masks
-  ``theta_s`` by ``m`` and evaluates the unmasked backbone.
-* **Masks act on the hooked layer's output**, before any normalisation or activation that follows.
-* **Outside** :meth:`task` / :meth:`batched`, and whenever the hooked layer is in eval mode, the
-  hooks pass the output through unchanged: evaluation uses the full backbone at no extra cost.
-
-Sequential or batched: :meth:`task` runs one forward
-per task (``T`` forwards and ``T`` graphs of the backbone; time about ``T x`` hard sharing, memory
-of ``T`` graphs held until backward, or of one graph when each task's backward follows its
-forward: :meth:`objective` per task with ``MultiTaskOptimizer.task(t)``); :meth:`batched` runs one
-forward on the batch repeated ``T`` times (``[x; x; ...; x]``, task-major blocks) with block ``t``
-masked for task ``t``.  Both
-give the same losses for the same masks when the backbone treats samples independently; with
-BatchNorm in train mode the batched form normalises over all ``T`` copies at once, so it is a
-different estimator (and BatchNorm's running statistics are updated once per step, not ``T``
-times).  Which is faster: on a CPU, use the sequential form; measured on a 2-core CPU (small CNN,
-batch 32, ``T`` = 3 and 10) the batched form took 1.1-1.4x the sequential form's CPU time, because
-one forward already keeps the CPU busy and the batched form adds the ``T``-fold tensors' memory
-traffic.  The batched form can only win where one forward leaves the device idle (small batches on
-a GPU); ``benchmarks/RESULTS.md`` has the numbers (``examples/mpps_multitask.py --bench``).  For
-memory, the one-graph-at-a-time sequential loop holds what hard sharing holds; the other two hold
-``T`` graphs.
+The reading choices where the paper leaves one open (the parameterisation of phi and where its
+learning rate goes, the KL terms, the REINFORCE baseline, one mask per task per step, no
+rescaling of Bernoulli masks, masks on the layer's output, the full backbone outside
+:meth:`~MPPS.task`) and when to use the sequential or the batched form are in ``docs/mpps.md``.
 """
 
 from __future__ import annotations

@@ -339,7 +339,7 @@ def test_reinforce_estimator_is_exactly_unbiased(
     The sampler is replaced by one that returns each mask in turn (the sampler's own statistics
     are tested above); any baseline independent of the mask leaves the expectation unchanged.
     """
-    import torch_mtlgrad.mpps.plugin as plugin_mod
+    import torch_mtlgrad.mpps.sharing as plugin_mod
 
     mpps, exact, estimate = _reinforce_problem(0.5)
     phi = torch.sigmoid(mpps.logits[0].detach().double())
