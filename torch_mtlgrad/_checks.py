@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .capture.layout import FlatLayout
@@ -36,6 +36,23 @@ NONFINITE = ("raise", "skip", "unchecked")
 
 class NonFiniteError(FloatingPointError, ValueError):
     """A NaN/Inf loss or task gradient under ``nonfinite="raise"`` (names the task)."""
+
+
+def resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
+    """``shared=`` as (parameters, names): a module's named parameters, or positions
+    ``shared[i]`` for an iterable of tensors."""
+    if isinstance(shared, nn.Module):
+        named = list(shared.named_parameters())
+        return [p for _, p in named], [n for n, _ in named]
+    if isinstance(shared, Tensor):
+        return [shared], ["shared[0]"]
+    try:
+        params = list(shared)
+    except TypeError:
+        raise TypeError(
+            f"shared must be an nn.Module or an iterable of parameters, got {type(shared).__name__}"
+        ) from None
+    return params, [f"shared[{i}]" for i in range(len(params))]
 
 
 def check_arguments(optimizer: Any, num_tasks: Any, scaler: Any) -> None:

@@ -37,9 +37,10 @@ from ._checks import (
     check_losses,
     check_shared,
     nonfinite_loss,
+    resolve_shared,
 )
 from ._facade import WrappedOptimizer
-from .aggregators import Aggregator, get
+from .aggregators import Aggregator, resolve
 from .capture import (
     CaptureBuffers,
     Captured,
@@ -55,29 +56,6 @@ from .conal.conflict import ConflictNoticing
 from .plugins import call_hook, check_plugin, plugin_state
 
 __all__ = ["MultiTaskOptimizer", "NonFiniteError"]
-
-
-def _resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
-    if isinstance(shared, nn.Module):
-        named = list(shared.named_parameters())
-        return [p for _, p in named], [n for n, _ in named]
-    if isinstance(shared, Tensor):
-        return [shared], ["shared[0]"]
-    try:
-        params = list(shared)
-    except TypeError:
-        raise TypeError(
-            f"shared must be an nn.Module or an iterable of parameters, got {type(shared).__name__}"
-        ) from None
-    return params, [f"shared[{i}]" for i in range(len(params))]
-
-
-def _resolve_aggregator(aggregator: str | Aggregator) -> Aggregator:
-    if isinstance(aggregator, Aggregator):
-        return aggregator
-    if isinstance(aggregator, str):
-        return get(aggregator)
-    raise TypeError(f"aggregator must be a name or an Aggregator, got {type(aggregator).__name__}")
 
 
 class MultiTaskOptimizer(WrappedOptimizer):
@@ -177,13 +155,13 @@ class MultiTaskOptimizer(WrappedOptimizer):
             raise TypeError("optimizer is already a MultiTaskOptimizer")
         check_arguments(optimizer, num_tasks, scaler)
         policy = NonFinitePolicy(nonfinite)
-        params, names = _resolve_shared(shared)
+        params, names = resolve_shared(shared)
         layout = FlatLayout(params, names)  # validates: non-empty, no duplicates, one device
         check_shared(layout, optimizer)
         buffers = CaptureBuffers(layout)
         selector = CaptureSelector(capture, chunk_size, layout.device, layout.numel,
                                    torch.empty((), dtype=buffers.dtype).element_size())
-        agg = _resolve_aggregator(aggregator)
+        agg = resolve(aggregator)
         plugins = list(plugins)
         if conflict_noticing is not None:
             plugins.insert(0, ConflictNoticing(list(conflict_noticing)))

@@ -8,7 +8,7 @@ importing this package does not import cvxpy or the methods you do not use).
 from typing import Any
 
 from ._base import Aggregation, Aggregator, WeightedAggregator, work_dtype
-from ._registry import _ENTRIES, available, get, register
+from ._registry import _ENTRIES, available, get, register, resolve
 from .central import Central, central_weights
 from .mean import Mean, Sum
 from .mgda import MinNorm
@@ -29,6 +29,7 @@ __all__ = [
     "central_weights",
     "get",
     "register",
+    "resolve",
     "work_dtype",
     *sorted(c for c in _LAZY if c not in {"Mean", "Sum", "MinNorm", "Central"}),
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 from ._base import Aggregator
 
-__all__ = ["get", "available", "register"]
+__all__ = ["available", "get", "register", "resolve"]
 
 _PKG = "torch_mtlgrad.aggregators"
 
@@ -89,3 +89,17 @@ def get(name: str, **kwargs: Any) -> Aggregator:
         tkw = {k: kwargs.pop(k) for k in tension_keys if k in kwargs}
         return Tensioned(_resolve(base)(**kwargs), **tkw)
     return _resolve(base)(**kwargs)
+
+
+def resolve(aggregator: str | Aggregator) -> Aggregator:
+    """An aggregator object as it is, or :func:`get` of a short name.
+
+    Example:
+        >>> resolve("mean")
+        Mean()
+    """
+    if isinstance(aggregator, Aggregator):
+        return aggregator
+    if isinstance(aggregator, str):
+        return get(aggregator)
+    raise TypeError(f"aggregator must be a name or an Aggregator, got {type(aggregator).__name__}")

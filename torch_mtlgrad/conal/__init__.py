@@ -8,7 +8,7 @@
   points, pruning, JSON export and rebuild.
 * :func:`retrain_optimizer` (``retrain.py``): retraining from scratch with RLW (eq. 3) or any
   aggregator.
-* :class:`ProgressiveSearch` (``pro.py``): CoNAL-Pro, section 2.4.
+* :class:`ProgressiveSearch` (``pro.py``): CoNAL-Pro, the paper's section 2.4.
 
 The model-side parts (space, derive, network) and the conflict-noticing plugin need no
 optimizer and load with this package; the search and retraining drivers wrap a
@@ -17,11 +17,16 @@ optimizer and load with this package; the search and retraining drivers wrap a
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .conflict import ConflictNoticing, SegmentGramian, first_conflict, segment_gramians
 from .derive import Architecture, Branch, BranchedNetwork, Derived, build_network, derive
 from .space import SearchSpace, count_parameters, reinitialize
+
+if TYPE_CHECKING:  # for type checkers only: at run time these load on first access
+    from .pro import ProgressiveSearch, ProResult, ProStage
+    from .retrain import retrain_optimizer
+    from .search import BilevelSearch
 
 # The drivers that build a MultiTaskOptimizer: name -> module, loaded on first access.
 _DRIVERS = {"BilevelSearch": "search", "ProgressiveSearch": "pro", "ProResult": "pro",
@@ -51,7 +56,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _DRIVERS:
-        return getattr(importlib.import_module(f"{__name__}.{_DRIVERS[name]}"), name)
+        value = getattr(importlib.import_module(f"{__name__}.{_DRIVERS[name]}"), name)
+        globals()[name] = value  # later accesses skip __getattr__
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

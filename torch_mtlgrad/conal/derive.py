@@ -345,7 +345,7 @@ class Derived:
 
 
 def derive(space: SearchSpace) -> Derived:
-    """Derive the final architecture from a trained :class:`SearchSpace` (section 2.2).
+    """Derive the final architecture from a trained :class:`SearchSpace` (CoNAL section 2.2).
 
     ``alpha_t* = argmax_p alpha_t^(p)`` per task (ties go to the deeper branch point, i.e. more
     sharing), the modules no task uses are removed, and the network is built from copies of the

@@ -3,7 +3,7 @@
 At the end of each course the target ``Pi`` is rebuilt from the learnt ``Phi`` by rescaling its
 remaining capacity so that its exclusive capacity equals the scheduler's value ``C_i``::
 
-    C  <- EC(Phi)                       (with the (T - 1) normalisation of section 3.3)
+    C  <- EC(Phi)                       (with the (T - 1) normalisation of paper section 3.3)
     Pi <- 1 - (C_i / C) (1 - Phi)       then clipped to [eps, 1 - eps].
 
 Why this hits ``C_i``: for ``k = C_i / C > 0`` the map ``v -> 1 - k (1 - v)`` is increasing, so a

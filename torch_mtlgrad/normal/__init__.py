@@ -5,7 +5,7 @@
 * :class:`PositionUpdater`: a gradient plugin stepping the positions with their own step size
   inside ``MultiTaskOptimizer`` (Algorithm 1), jointly or alternating.
 * :func:`distance_matrix`, :func:`group_positions`, :class:`PositionHistory`: task relatedness
-  and the position curves (section 5.4, Fig. 2).
+  and the position curves (paper section 5.4, Fig. 2).
 """
 
 from .block import TimeAwareODE
