@@ -2,9 +2,7 @@
 steps and keep the faster one.
 
 Which exact capture is faster on a CPU depends on the model, the batch, T and the number of
-threads: on the 2-core development CPU the loop beat the batched passes by 1.5x at T = 40 with a
-batch of 64 of 3x64x64, while with a batch of 32 of 3x32x32 and two threads at T = 10 the batched
-pass (as TorchJD runs it) was the faster (``benchmarks/RESULTS.md``, step speed).  Where no rule
+threads (``benchmarks/RESULTS.md``, step speed, has measurements both ways).  Where no rule
 of thumb covers a setup, ``capture="timed"`` measures: for each ``(T, candidate)`` it alternates
 the loop and the batched candidate (``"feature"`` when ``features=`` is given, else
 ``"batched"``) for ``warmup`` untimed and then ``trials`` timed steps each, and from then on uses
@@ -13,9 +11,8 @@ needs far less memory, so it wins ties).  A batched pass that cannot run on the 
 
 All candidates give the same ``J`` up to float rounding (tested), so the choice changes speed and
 memory, and the last bits of the result: two runs may choose differently, which is why the
-default ``capture="auto"`` uses a fixed rule instead (the loop on the CPU; since the batched pass
-went through ``is_grads_batched`` and the loop's checks got cheaper, the loop measured fastest or
-within noise of the fastest everywhere on the development CPU).  The choice is kept in the
+default ``capture="auto"`` uses a fixed rule instead (the loop on the CPU, the fastest or within
+noise of the fastest everywhere measured).  The choice is kept in the
 optimizer's ``state_dict`` so that a run resumed after it goes on with the same capture.  On
 CUDA no timing is done (it would need host synchronisation); the rule there is fixed (see
 :class:`~torch_mtlgrad.MultiTaskOptimizer`).
