@@ -175,11 +175,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
                 raise ValueError("capture='representation' cannot run plugins on J (there is no J)")
         super().__init__(optimizer)
         self._layout = layout
-        self.aggregator: Aggregator = agg
         self.plugins: list[Any] = []  # in the order they run; add with add_plugin()
         self.num_tasks = num_tasks
-        self.scaler = scaler
-        self.compute_diagnostics = diagnostics
         self.diagnostics: dict[str, Tensor] = {}
         self.last_capture: str | None = None  # the capture mode the last step ran
         self._policy = policy
@@ -200,6 +197,25 @@ class MultiTaskOptimizer(WrappedOptimizer):
     def layout(self) -> FlatLayout:
         """Where each shared parameter lives in a row of ``J`` (:class:`~torch_mtlgrad.FlatLayout`)."""
         return self._layout
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """The method that combines the task gradients."""
+        return self._combine.aggregator
+
+    @property
+    def scaler(self) -> Any:
+        """The ``torch.amp.GradScaler`` given as ``scaler=`` (or ``None``)."""
+        return self._combine.scaler
+
+    @property
+    def compute_diagnostics(self) -> bool:
+        """Whether each step fills :attr:`diagnostics` (``diagnostics=``); may be switched."""
+        return self._combine.diagnostics
+
+    @compute_diagnostics.setter
+    def compute_diagnostics(self, value: bool) -> None:
+        self._combine.diagnostics = bool(value)
 
     @property
     def capture(self) -> str:
