@@ -1,5 +1,5 @@
 """Run the CoNAL tests single-threaded: they use tiny tensors, and on a shared machine intra-op
-threads spin-wait far longer than the work itself (measured: 150x slower with 2 threads)."""
+threads spin-wait far longer than the work itself."""
 
 from __future__ import annotations
 

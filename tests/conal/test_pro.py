@@ -1,4 +1,4 @@
-"""CoNAL-Pro (section 2.4): stage structure, stage forward, grouping logic, the weight step."""
+"""CoNAL-Pro (CoNAL paper, section 2.4): stage structure, stage forward, grouping logic, the weight step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MPPS plugin: hooks, masking semantics, objective, estimators, schedule, state."""
+"""The MPPS module: hooks, masking semantics, objective, estimators, schedule, state."""
 
 from __future__ import annotations
 
@@ -334,12 +334,12 @@ def _reinforce_problem(decay: float | None):
 def test_reinforce_estimator_is_exactly_unbiased(
     monkeypatch: pytest.MonkeyPatch, baseline: float
 ) -> None:
-    """E over every guest mask, weighted by q(m), of the plugin's gradient == the exact gradient.
+    """E over every guest mask, weighted by q(m), of MPPS's gradient == the exact gradient.
 
     The sampler is replaced by one that returns each mask in turn (the sampler's own statistics
     are tested above); any baseline independent of the mask leaves the expectation unchanged.
     """
-    import torch_mtlgrad.mpps.sharing as plugin_mod
+    import torch_mtlgrad.mpps.hooks as hooks_mod  # where the masks are drawn
 
     mpps, exact, estimate = _reinforce_problem(0.5)
     phi = torch.sigmoid(mpps.logits[0].detach().double())
@@ -350,7 +350,7 @@ def test_reinforce_estimator_is_exactly_unbiased(
         t = 0 if torch.equal(is_owner, own == 0) else 1  # which task's mask is being drawn
         return torch.where(is_owner, torch.ones_like(logits), forced[t].to(logits.dtype))
 
-    monkeypatch.setattr(plugin_mod, "sample_masks", fake_sample)
+    monkeypatch.setattr(hooks_mod, "sample_masks", fake_sample)
     guests = [(own != t).nonzero().flatten().tolist() for t in range(2)]
     total = torch.zeros(6, 2, dtype=torch.float64)
     for bits0 in itertools.product([0.0, 1.0], repeat=3):

@@ -20,7 +20,7 @@ def test_equal_positions_give_identical_features():
     feats = block(z0)
     for f in feats[1:]:
         assert torch.equal(f, feats[0])
-    # ... and the same as reading that position alone (the degenerate HPS case of section 3.2)
+    # ... and the same as reading that position alone (the degenerate HPS case of the NORMAL paper's section 3.2)
     assert torch.equal(block(z0, tasks=[2])[0], feats[0])
 
 

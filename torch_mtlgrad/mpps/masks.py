@@ -47,8 +47,8 @@ FAMILIES: tuple[str, ...] = ("bernoulli", "gaussian")
 
 
 def _logsigmoid(x: Tensor) -> Tensor:
-    # -softplus(-x) == logsigmoid(x); F.logsigmoid is ~1000x slower on small CPU tensors with more
-    # than one intra-op thread (torch 2.13: ~4 ms per call on a 6 x 2 tensor).
+    # -softplus(-x) == logsigmoid(x); F.logsigmoid is far slower on small CPU tensors with more
+    # than one intra-op thread (benchmarks/RESULTS.md, MPPS step cost, has the measurement).
     return -F.softplus(-x)
 
 

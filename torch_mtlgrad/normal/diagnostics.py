@@ -1,4 +1,4 @@
-"""What NORMAL reports about its positions: their history and the task distances (paper 5.4).
+"""What NORMAL reports about its positions (paper section 5.4): their history, the task distances.
 
 The paper reads task relatedness off the learned positions: tasks whose positions end close
 together are related (Fig. 2).  :func:`distance_matrix` gives ``|p_i - p_j|``,
