@@ -1,6 +1,6 @@
 """Nash-MTL solve time per step for T = 2, 10, 40 tasks.
 
-Times ``NashMTL.weighting(J, G, None)`` (the whole solve from the Gramian: the sequence of cvxpy
+Times ``NashMTL.aggregate_gramian(G)`` (the whole solve from the Gramian: the sequence of cvxpy
 problems, the polish and the conversions; the Gramian itself is precomputed, so D does not
 enter).  Three cases per T:
 
@@ -51,7 +51,7 @@ CPU: list[float] = []  # process CPU ms of every timed call, in order
 def time_call(agg: NashMTL, J: torch.Tensor) -> float:
     G = J @ J.T
     c0, t0 = time.process_time(), time.perf_counter()
-    agg.weighting(J, G, None)
+    agg.aggregate_gramian(G)
     t1, c1 = time.perf_counter(), time.process_time()
     CPU.append((c1 - c0) * 1e3)
     return (t1 - t0) * 1e3

@@ -1,8 +1,19 @@
-"""Gradient aggregators: ``agg(J, losses=None) -> d`` over the task Jacobian ``J`` ([T, D]).
+"""Gradient aggregators over the task Jacobian ``J`` ([T, D]): plain math on tensors.
 
-Build one by class, or by short name through :func:`get`; :func:`available` lists the names.
-Every method of the registry is importable from here by its class name (loaded on first use, so
-importing this package does not import cvxpy or the methods you do not use).
+``agg.aggregate(J, losses=None)`` returns an :class:`Aggregation` (direction, task weights,
+diagnostics); ``agg(J, losses)`` is its direction.  A :class:`WeightedAggregator` (``d = w^T J``
+with weights that read only ``G = J J^T`` or the losses) also has
+``aggregate_gramian(G, losses)`` for callers that hold ``G`` but not ``J``; the properties
+``from_gramian`` and ``runs_on_features`` say which routes a method allows (see
+:class:`Aggregator`).  :func:`work_dtype` is the dtype rule every caller shares.
+
+Every method lives here, one module each: the direction methods and the loss weightings with
+learned or tracked state (``uw``, ``gradnorm``, ``dwa``, ``famo``; also re-exported by
+:mod:`torch_mtlgrad.weightings`).  Build one by class, or by short name through :func:`get`;
+:func:`available` lists the names.  Every method of the registry is importable from here by its
+class name (loaded on first use, so importing this package does not import cvxpy or the methods
+you do not use).  Nothing here imports the optimizer, the capture code, the plugins or the
+model-side methods.
 """
 
 from typing import Any

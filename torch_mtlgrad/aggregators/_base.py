@@ -9,13 +9,22 @@ Two kinds of subclasses:
 
 * :class:`Aggregator`: implement :meth:`Aggregator.forward` (``J, losses -> d``).
 * :class:`WeightedAggregator`: the method is a weighting ``w`` of the rows, ``d = w^T J``.
-  Implement :meth:`WeightedAggregator.weighting`.  When ``gramian_only`` is true the weighting
-  reads only ``G = J J^T`` (and the losses), which is what lets it run on ``G`` alone.
+  Implement :meth:`WeightedAggregator.weighting`, which is handed ``G = J J^T`` when the class
+  is ``gramian_only`` and no matrix at all otherwise (fixed or loss-based weights): it never
+  sees ``J``.  That is what lets :meth:`WeightedAggregator.aggregate_gramian` run on ``G`` alone.
 
 :meth:`Aggregator.aggregate` returns an :class:`Aggregation`: the direction, the task weights when
-the direction is a combination of the rows (else ``None``) and the method's diagnostics.  The
-attributes ``agg.weights`` and ``agg.diagnostics`` hold the same tensors of the last call, for
-interactive use.
+the direction is a combination of the rows (else ``None``) and the method's diagnostics; callers
+use it (``agg(J, losses)`` is its ``direction``).  The attributes ``agg.weights`` and
+``agg.diagnostics`` are the last call's, the same tensors as the returned :class:`Aggregation`,
+for interactive use.
+
+Two read-only properties tell a caller (the optimizer) which routes a method allows, so that it
+needs no ``isinstance`` check and never reads a wrapper's base: :attr:`Aggregator.from_gramian`
+(the weights can come from ``G`` without ``J``) and :attr:`Aggregator.runs_on_features` (the
+method may run on any matrix with the same Gramian as ``J``).
+
+:func:`work_dtype` is the one rule for the dtype aggregation runs in.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Aggregation", "Aggregator", "WeightedAggregator", "check_losses", "check_matrix", "work_dtype"]
+__all__ = ["Aggregation", "Aggregator", "WeightedAggregator", "check_gramian", "check_losses",
+           "check_matrix", "work_dtype"]
 
 
 def work_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -65,6 +75,20 @@ def check_matrix(J: Tensor) -> Tensor:
     return J.to(work_dtype(J.dtype))
 
 
+def check_gramian(G: Tensor) -> Tensor:
+    """Validate a Gramian ``G = J J^T`` and return it in the aggregation dtype (as
+    :func:`check_matrix` does for ``J``)."""
+    if not isinstance(G, Tensor):
+        raise TypeError(f"G must be a torch.Tensor of shape [T, T], got {type(G).__name__}")
+    if G.dim() != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"G must be a square [T, T] Gramian, got shape {tuple(G.shape)}")
+    if G.shape[0] == 0:
+        raise ValueError("G has no rows: there must be at least one task")
+    if not G.is_floating_point():
+        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    return G.to(work_dtype(G.dtype))
+
+
 def check_losses(losses: Any, num_tasks: int, like: Tensor) -> Tensor:
     """Validate loss values for ``num_tasks`` tasks; returns a detached 1-D tensor like ``like``."""
     if isinstance(losses, (list, tuple)):
@@ -81,7 +105,7 @@ def check_losses(losses: Any, num_tasks: int, like: Tensor) -> Tensor:
 
 
 class Aggregator(ABC):
-    """Base class: ``agg(J, losses=None) -> d``.
+    """Base class: ``agg.aggregate(J, losses=None) -> Aggregation``; ``agg(J, losses) -> d``.
 
     Subclasses set the class attributes:
 
@@ -89,6 +113,15 @@ class Aggregator(ABC):
       the direction is then ``w^T J``).
     * ``needs_losses``: the method reads the loss values; calling it without them is an error.
     * ``stateful``: it keeps state between calls (returned by :meth:`state_dict`).
+
+    Attributes:
+        weights: the last call's task weights (``None`` before the first call, or when the
+            direction is not a combination of the rows): the same tensor as that call's
+            :attr:`Aggregation.weights`.
+        diagnostics: the last call's diagnostics, the same dict as :attr:`Aggregation.diagnostics`.
+
+    Use the returned :class:`Aggregation` rather than these attributes: they are overwritten by
+    the next call.
     """
 
     gramian_only: ClassVar[bool] = False
@@ -126,15 +159,24 @@ class Aggregator(ABC):
 
     @property
     def from_gramian(self) -> bool:
-        """Whether the direction is ``w^T J`` with weights that read only ``G = J J^T`` and the
-        losses, so that :meth:`WeightedAggregator.aggregate_gramian` can run without ``J``."""
+        """Whether the direction is ``w^T J`` with weights that read only ``G = J J^T`` and/or the
+        losses, so that :meth:`WeightedAggregator.aggregate_gramian` can run without ``J``.
+
+        True for every :class:`WeightedAggregator` (except GradNorm with ``layer=``, whose norms
+        are over some columns of ``J``); false for every other aggregator, the tensioner included
+        (its direction ``beta v + omega^T J`` needs the base direction ``v``)."""
         return False
 
     @property
     def runs_on_features(self) -> bool:
         """Whether the method may run on any matrix with the same Gramian as ``J``: the
-        representation-gradient approximation (MGDA-UB, Sener and Koltun, NeurIPS 2018) applies it
-        to the gradients with respect to the shared features."""
+        representation-gradient approximation (MGDA-UB, Sener and Koltun, *Multi-Task Learning as
+        Multi-Objective Optimization*, NeurIPS 2018, Sec. 3.3) applies it to the gradients with
+        respect to the shared features instead of the shared parameters.
+
+        True when the class is ``gramian_only`` or a :class:`WeightedAggregator` (whose weights read
+        ``G`` or nothing of ``J``); GradNorm with ``layer=`` is not (its columns are parameters).
+        :class:`~torch_mtlgrad.aggregators.Tensioned` answers as its base method."""
         return self.gramian_only
 
     @abstractmethod
@@ -170,8 +212,15 @@ class WeightedAggregator(Aggregator):
         return w @ J
 
     def aggregate_gramian(self, G: Tensor, losses: Tensor | None = None) -> Aggregation:
-        """The weights from the Gramian ``G`` (``[T, T]``) alone, for callers that never build
-        ``J`` (the direction ``w^T J`` is theirs to form, e.g. block by block).
+        """The weights from the Gramian ``G = J J^T`` (``[T, T]``) alone, for callers that never
+        build ``J`` (the direction ``w^T J`` is theirs to form, e.g. block by block with
+        :mod:`~torch_mtlgrad.aggregators.blocks`): an :class:`Aggregation` with ``direction=None``.
+
+        ``G`` and the losses are validated and cast as :meth:`aggregate` does for ``J``; the call
+        counts as one step of a stateful method and records ``weights`` and ``diagnostics`` just
+        as :meth:`aggregate` does (the same weights as ``aggregate(J)``, up to how ``G`` was
+        rounded).  Only where
+        :attr:`from_gramian` is true (else ``ValueError``).
 
         Example:
             >>> from torch_mtlgrad.aggregators import get
@@ -182,6 +231,7 @@ class WeightedAggregator(Aggregator):
         """
         if not self.from_gramian:
             raise ValueError(f"{self!r} reads J itself: call aggregate(J, losses)")
+        G = check_gramian(G)
         T = G.shape[0]
         if losses is None and self.needs_losses:
             raise ValueError(f"{type(self).__name__} needs the loss values: aggregate_gramian(G, losses)")
@@ -193,10 +243,12 @@ class WeightedAggregator(Aggregator):
 
     @property
     def from_gramian(self) -> bool:
+        """True: the weights read ``G`` (``gramian_only``) or nothing of ``J``."""
         return True
 
     @property
     def runs_on_features(self) -> bool:
+        """True: ``w`` depends on ``J`` only through ``G``, and ``w^T`` applies to any matrix."""
         return True
 
     @abstractmethod

@@ -15,8 +15,10 @@ to rounding.
   ``lam = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T (J v)`` (its dual).  See
   :func:`dual_cone_weights`.  UPGrad, DualProj and the tensioner's feasibility step use it.
 
-:func:`min_norm_weights_pgd` is a fixed-iteration projected-gradient solver that stays on the
-device of ``G`` and never synchronises with the host; it is approximate.
+The fixed-iteration solvers :func:`min_norm_weights_pgd` and :func:`dual_cone_weights_pgd` stay
+on the device of ``G`` and never synchronise with the host; they are approximate.  Both are one
+loop, :func:`fista` (accelerated projected gradient), with their own gradient step and
+projection (onto the simplex, :func:`project_simplex`, or the non-negative orthant).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "nnqp",
-    "min_norm_weights",
-    "min_norm_weights_pgd",
-    "min_norm_weights_cvxpy",
     "dual_cone_weights",
     "dual_cone_weights_pgd",
+    "fista",
+    "min_norm_weights",
+    "min_norm_weights_cvxpy",
+    "min_norm_weights_pgd",
+    "nnqp",
     "project_simplex",
 ]
 

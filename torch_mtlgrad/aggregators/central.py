@@ -1,4 +1,5 @@
-"""Central direction (task-tensioner paper eq. 3-4).
+"""Central direction (Nakamura, Grassi and Wolf, *Leveraging convergence behavior to balance
+conflicting tasks in multi-task learning*, arXiv:2204.06698, 2022: the tensioner paper, eq. 3-4).
 
 With unit rows ``u_m = g_m / ||g_m||``, ``k* = argmin_{k in simplex} ||k^T U||^2`` (eq. 3) and
 

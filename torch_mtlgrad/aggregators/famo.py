@@ -31,7 +31,8 @@ with its optimizer state and the previous call's losses.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

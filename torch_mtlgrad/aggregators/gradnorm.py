@@ -116,6 +116,7 @@ class GradNorm(WeightedAggregator):
 
     @property
     def runs_on_features(self) -> bool:
+        """Only on the whole gradients: ``layer=`` names columns of the parameters' ``J``."""
         return self.layer is None
 
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,

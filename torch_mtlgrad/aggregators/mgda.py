@@ -1,4 +1,6 @@
-"""Min-norm direction (MGDA; Sener and Koltun 2018; tensioner paper eq. 2).
+"""Min-norm direction (MGDA; Sener and Koltun, *Multi-Task Learning as Multi-Objective
+Optimization*, NeurIPS 2018; the tensioner paper, Nakamura, Grassi and Wolf, arXiv:2204.06698,
+eq. 2).
 
 ``w* = argmin_{w in simplex} ||w^T J||^2`` and ``d = w*^T J``: the minimal-norm element of the
 convex hull of the task gradients, a common descent direction unless the point is

@@ -1,4 +1,8 @@
-"""Task tensioners on any base direction (tensioner paper eq. 5-8, Algorithms 1-2).
+"""Task tensioners on any base direction.
+
+Nakamura, Grassi and Wolf, *Leveraging convergence behavior to balance conflicting tasks in
+multi-task learning*, arXiv:2204.06698 (2022), eq. 5-8 and Algorithms 1-2 (the "tensioner
+paper" of this package's docstrings).
 
 Given the base direction ``v`` (the paper's are min-norm and central; any aggregator works):
 
@@ -41,6 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..diagnostics import angles_to
 from ._base import Aggregator
 from ._solvers import dual_cone_weights, dual_cone_weights_pgd
 
@@ -232,15 +237,11 @@ class Tensioned(Aggregator):
     @staticmethod
     def _diag(c: Tensor, delta: Tensor, norms: Tensor, Jv: Tensor, vv: Tensor, Jd: Tensor,
               dd: Tensor, tensioned: bool) -> dict[str, Tensor]:
-        def angle(Jx: Tensor, xx: Tensor) -> Tensor:
-            cos = Jx / (norms * xx.sqrt()).clamp_min(torch.finfo(norms.dtype).tiny)
-            return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
-
         return {
             "c": c,
             "delta": delta,
-            "angle_base": angle(Jv, vv),
-            "angle": angle(Jd, dd),
+            "angle_base": angles_to(Jv, norms, vv.sqrt()),
+            "angle": angles_to(Jd, norms, dd.sqrt()),
             "tensioned": torch.tensor(float(tensioned)),
         }
 

@@ -187,11 +187,6 @@ def _first_positive(pairs: Tensor) -> Tensor:
     return torch.where(pairs > 0, idx, torch.full_like(idx, K)).min()
 
 
-def cosines_from_gramians(G: Tensor) -> Tensor:
-    """``[K, T, T]`` cosines ``G_ij / sqrt(G_ii G_jj)``; 0 where a gradient is zero."""
-    return cosine_matrix(G)
-
-
 class ConflictNoticing:
     """Conflict noticing of CoNAL (eq. 5) as a :class:`~torch_mtlgrad.GradientPlugin`.
 
@@ -210,7 +205,8 @@ class ConflictNoticing:
     * ``diagnostics["conflict_pstar"]``: ``p*`` of the last step (0-based module index, ``K``
       when no module conflicts);
     * ``diagnostics["conflict_pairs"]``: ``[K]`` number of conflicting task pairs per module;
-    * ``diagnostics["conflict_cosines"]``: ``[K, T, T]`` the cosines of the last step;
+    * ``diagnostics["conflict_cosines"]``: ``[K, T, T]`` the cosines of the last step
+      (:func:`~torch_mtlgrad.diagnostics.cosine_matrix` of each ``G_k``; 0 for a zero gradient);
     * :meth:`conflict_ratio`: per-module ratio of conflicting pairs over the last ``window``
       steps or since :meth:`reset_counts` (the paper's Table 1);
     * :meth:`to_dict`: the same as plain lists for a CSV or a plot.
@@ -321,7 +317,7 @@ class ConflictNoticing:
         self.diagnostics = {
             "conflict_pstar": pstar,
             "conflict_pairs": pairs,
-            "conflict_cosines": cosines_from_gramians(G),
+            "conflict_cosines": cosine_matrix(G),
         }
         if self.zero:
             drop = (self._seg >= pstar) & (self._seg >= 0)
