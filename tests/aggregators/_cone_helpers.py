@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from ._properties import assert_non_conflicting, scale_of
+
+__all__ = ["check_non_conflicting_weighted", "cvxpy_project", "scale_of", "torchjd_reference"]
+
 
 def cvxpy_project(J: np.ndarray, v: np.ndarray) -> np.ndarray:
     """argmin ||x - v||^2 s.t. J x >= 0, solved in the primal (scaled for conditioning)."""
@@ -36,11 +40,6 @@ def cvxpy_project(J: np.ndarray, v: np.ndarray) -> np.ndarray:
     return s * x.value
 
 
-def scale_of(J: torch.Tensor) -> float:
-    """The largest row norm of J (at least 1e-300): the scale of the tolerances."""
-    return max(float(J.norm(dim=1).max()), 1e-300)
-
-
 def torchjd_reference(name: str, J: torch.Tensor) -> torch.Tensor:
     """torchjd's aggregator ``name`` on J, solving the same dual problem (skips without it).
 
@@ -57,10 +56,8 @@ def torchjd_reference(name: str, J: torch.Tensor) -> torch.Tensor:
 
 def check_non_conflicting_weighted(agg, J: torch.Tensor) -> tuple[torch.Tensor, float]:
     """agg(J) is finite, conflicts with no row of J and equals agg.weights @ J; (d, scale)."""
-    d = agg(J)
-    assert bool(torch.isfinite(d).all())
+    d = assert_non_conflicting(agg, J)  # finite, J @ d >= -1e-10 s^2 T
     s = scale_of(J)
-    assert bool((J @ d >= -1e-10 * s * s * J.shape[0]).all()), J @ d
     assert agg.weights is not None
     assert torch.allclose(agg.weights @ J, d, atol=1e-12 * s)
     return d, s

@@ -12,6 +12,14 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.alignedmtl import AlignedMTL, alignment_matrix
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 def procrustes_reference(J: np.ndarray, scale_mode: str, w: np.ndarray) -> np.ndarray:
@@ -97,3 +105,31 @@ def test_against_torchjd() -> None:
                 ref_p = tj.AlignedMTL(pref_vector=pref, scale_mode=mode)(J)
                 ours_p = AlignedMTL(task_weights=pref, scale_mode=mode)(J)
                 assert torch.allclose(ours_p, ref_p, rtol=tol, atol=tol * float(ref_p.abs().max()))
+
+
+# Shared properties (tests/aggregators/_properties.py) of Aligned-MTL.
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(AlignedMTL, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(AlignedMTL, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(AlignedMTL, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(AlignedMTL, J)

@@ -16,6 +16,14 @@ from torch_mtlgrad.aggregators.cagrad import CAGrad, cagrad_dual_weights
 from torch_mtlgrad.aggregators.mgda import MinNorm
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 def primal_cvxpy(J: np.ndarray, c: float) -> np.ndarray:
@@ -167,3 +175,31 @@ def test_against_torchjd() -> None:
     # TorchJD's documented example.
     J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
     assert torch.allclose(CAGrad(c=0.5)(J), torch.tensor([0.1835, 1.2041, 1.2041]), atol=1e-4)
+
+
+# Shared properties (tests/aggregators/_properties.py) of CAGrad.
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(CAGrad, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(CAGrad, J, rtol=1e-6)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(CAGrad, J, rtol=1e-6)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(CAGrad, J)

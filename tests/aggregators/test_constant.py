@@ -10,6 +10,14 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.constant import Constant
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -53,3 +61,36 @@ def test_against_torchjd() -> None:
     J = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     w = torch.tensor([0.1, -2.0, 3.0, 0.0], dtype=torch.float64)
     assert torch.allclose(Constant(w)(J), tj.Constant(w)(J), rtol=1e-14, atol=1e-14)
+
+
+# Shared properties (tests/aggregators/_properties.py) of Constant (positive weights; equal
+# weights for permutation invariance).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+def _constant(J: torch.Tensor, equal: bool = False) -> Constant:
+    return Constant([1.0 if equal else 0.5 + t for t in range(J.shape[0])])
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(_constant(J), J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(_constant(J, equal=True), J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(_constant(J), J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(_constant(J), J)

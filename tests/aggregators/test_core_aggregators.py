@@ -14,6 +14,17 @@ from torch_mtlgrad.aggregators import Central, Mean, MinNorm, Sum, Tensioned, av
 from torch_mtlgrad.aggregators._solvers import min_norm_weights
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_conflicting,
+    assert_non_zero,
+    assert_permutation_invariant,
+    assert_strongly_stationary,
+    matrices,
+    non_strongly_stationary_matrices,
+    strongly_stationary_matrices,
+)
 
 
 def test_mean_and_sum() -> None:
@@ -273,3 +284,60 @@ def test_tension_rejects_corrupt_state() -> None:
         with pytest.raises(ValueError, match=msg):
             agg.load_state_dict(bad)
         assert agg.history is None and agg.count == 0
+
+
+# Shared properties (tests/aggregators/_properties.py): Mean and Sum are linear and
+# permutation invariant but conflicting; MGDA (MinNorm) and Central are also non-conflicting and
+# zero exactly at strongly stationary matrices.
+PROPERTY = settings(max_examples=25, deadline=None)
+CORE = {"mean": Mean, "sum": Sum, "mgda": MinNorm, "central": Central}
+CONE = ["mgda", "central"]
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+@PROPERTY
+@given(J=matrices(rank=None))
+def test_property_expected_structure(name: str, J: torch.Tensor) -> None:
+    assert_expected_structure(CORE[name], J)
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+@PROPERTY
+@given(J=matrices(min_dim=2))  # D = 1: equal unit rows make Central's min-norm weights non-unique
+def test_property_permutation_invariant(name: str, J: torch.Tensor) -> None:
+    assert_permutation_invariant(CORE[name], J)
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+@PROPERTY
+@given(J=matrices())
+def test_property_linear_under_scaling(name: str, J: torch.Tensor) -> None:
+    assert_linear_under_scaling(CORE[name], J)
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+@PROPERTY
+@given(J=non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(name: str, J: torch.Tensor) -> None:
+    assert_non_zero(CORE[name], J)
+
+
+@pytest.mark.parametrize("name", CONE)
+@PROPERTY
+@given(J=matrices(min_tasks=2))
+def test_property_non_conflicting(name: str, J: torch.Tensor) -> None:
+    assert_non_conflicting(CORE[name], J)
+
+
+@pytest.mark.parametrize("name", CONE)
+@PROPERTY
+@given(J=matrices(min_tasks=3, rank=2))
+def test_property_non_conflicting_rank_deficient(name: str, J: torch.Tensor) -> None:
+    assert_non_conflicting(CORE[name], J)
+
+
+@pytest.mark.parametrize("name", CONE)
+@PROPERTY
+@given(J=strongly_stationary_matrices())
+def test_property_zero_on_strongly_stationary(name: str, J: torch.Tensor) -> None:
+    assert_strongly_stationary(CORE[name], J)

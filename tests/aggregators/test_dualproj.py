@@ -18,6 +18,17 @@ from ._cone_helpers import (
     scale_of,
     torchjd_reference,
 )
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_conflicting,
+    assert_non_zero,
+    assert_permutation_invariant,
+    assert_strongly_stationary,
+    matrices,
+    non_strongly_stationary_matrices,
+    strongly_stationary_matrices,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,15 +80,14 @@ def test_non_conflicting_finite_minimal(J: torch.Tensor) -> None:
 def test_permutation_invariant(J: torch.Tensor, rnd) -> None:
     perm = list(range(J.shape[0]))
     rnd.shuffle(perm)
-    assert torch.allclose(DualProj()(J), DualProj()(J[perm]), rtol=0, atol=1e-9 * scale_of(J))
+    assert_permutation_invariant(DualProj, J, rtol=1e-9, perms=[perm])
 
 
 @settings(max_examples=40, deadline=None)
 @given(jacobians(max_tasks=8, min_log_scale=-6, max_log_scale=6), st.floats(1e-3, 1e3))
 def test_positively_homogeneous(J: torch.Tensor, c: float) -> None:
     """Scaling every row by the same c > 0 scales d by c (not linear in per-row scalings)."""
-    assert torch.allclose(DualProj()(c * J), c * DualProj()(J), rtol=0,
-                          atol=1e-9 * c * scale_of(J))
+    assert_linear_under_scaling(DualProj, J, rtol=1e-9, scales=[c])
 
 
 def test_not_linear_under_row_scaling() -> None:
@@ -101,3 +111,37 @@ def test_known_values_zero_rows_and_errors() -> None:
     d = DualProj(pref_vector=torch.tensor([1.0, 0.0]))(J)  # project g1 = (1, 0)
     assert bool((J @ d >= -1e-12).all())
     assert isinstance(get("dualproj"), DualProj)
+
+
+# Shared properties (tests/aggregators/_properties.py) of DualProj.
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(DualProj, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_non_conflicting(J: torch.Tensor) -> None:
+    assert_non_conflicting(DualProj, J)
+
+
+@PROPERTY
+@given(matrices(min_tasks=3, rank=2))
+def test_property_non_conflicting_rank_deficient(J: torch.Tensor) -> None:
+    assert_non_conflicting(DualProj, J)
+
+
+@PROPERTY
+@given(strongly_stationary_matrices())
+def test_property_zero_on_strongly_stationary(J: torch.Tensor) -> None:
+    assert_strongly_stationary(DualProj, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(DualProj, J)

@@ -13,6 +13,14 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.graddrop import GradDrop, sign_purity
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 def graddrop_reference(J: torch.Tensor, U: torch.Tensor, leak: list[float],
@@ -131,3 +139,35 @@ def test_against_torchjd() -> None:
             ours = GradDrop(leak=leak, seed=9)(J)
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             assert torch.allclose(ours, ref, rtol=tol, atol=tol), (T, dtype)
+
+
+# Shared properties (tests/aggregators/_properties.py) of GradDrop (seeded; its draws are per coordinate).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+def _graddrop():
+    return GradDrop(seed=0)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(_graddrop, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(_graddrop, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(_graddrop, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(_graddrop, J)

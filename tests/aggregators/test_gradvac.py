@@ -14,6 +14,13 @@ from torch_mtlgrad.aggregators.gradvac import GradVac
 from torch_mtlgrad.aggregators.pcgrad import PCGrad
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -139,3 +146,29 @@ def test_against_torchjd() -> None:
         for J in Js:
             a, b = ref_agg(J), ours(J)
             assert torch.allclose(a, b, rtol=1e-7, atol=1e-7 * float(a.abs().max())), (T, a, b)
+
+
+# Shared properties (tests/aggregators/_properties.py) of GradVac (seeded).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+def _gradvac():
+    return GradVac(seed=0)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(_gradvac, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(_gradvac, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(_gradvac, J)

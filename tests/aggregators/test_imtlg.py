@@ -12,6 +12,14 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.imtlg import IMTLG, imtlg_weights
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 def paper_closed_form(J: np.ndarray) -> np.ndarray:
@@ -122,3 +130,31 @@ def test_against_torchjd() -> None:
             ref, ours = tj.IMTLG()(Jd), IMTLG()(Jd)
             cos = float(ref @ ours / (ref.norm() * ours.norm()))
             assert abs(abs(cos) - 1) < 10 * tol, (T, dtype, cos)
+
+
+# Shared properties (tests/aggregators/_properties.py) of IMTL-G.
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(IMTLG, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(IMTLG, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(IMTLG, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(IMTLG, J)

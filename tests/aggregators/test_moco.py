@@ -12,6 +12,13 @@ from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.aggregators.moco import MoCo
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 def simplex_projection_bisection(v: np.ndarray) -> np.ndarray:
@@ -153,3 +160,25 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="unknown keys"):
         agg.load_state_dict({"nope": 1})
     assert isinstance(get("moco", gamma=0.2), MoCo)
+
+
+# Shared properties (tests/aggregators/_properties.py) of MoCo (first call).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(MoCo, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(MoCo, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(MoCo, J)

@@ -18,6 +18,14 @@ from torch_mtlgrad.aggregators._solvers import min_norm_weights
 from torch_mtlgrad.aggregators.nashmtl import NashMTL, NashMTLSolveError
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_non_conflicting,
+    assert_non_zero,
+    assert_permutation_invariant,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 @st.composite
@@ -308,3 +316,31 @@ def test_warm_start_and_validation() -> None:
     with pytest.raises(ValueError, match="optim_niter"):
         NashMTL(optim_niter=0)
     assert isinstance(get("nashmtl", max_norm=2.0), NashMTL)
+
+
+# Shared properties (tests/aggregators/_properties.py) of Nash-MTL (linearly independent rows: T <= D).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices(tall=True))
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(NashMTL, J)
+
+
+@PROPERTY
+@given(matrices(tall=True))
+def test_property_non_conflicting(J: torch.Tensor) -> None:
+    assert_non_conflicting(NashMTL, J)
+
+
+@PROPERTY
+@given(matrices(tall=True))
+def test_property_permutation_invariant(J: torch.Tensor) -> None:
+    assert_permutation_invariant(NashMTL, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(NashMTL, J)

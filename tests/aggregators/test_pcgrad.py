@@ -11,6 +11,13 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.pcgrad import PCGrad, pcgrad_weights
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 def orders(T: int, seed: int) -> list[list[int]]:
@@ -99,3 +106,29 @@ def test_against_torchjd() -> None:
         torch.manual_seed(123)
         ref = tj.PCGrad()(J)
         assert torch.allclose(PCGrad(seed=123)(J), ref, rtol=1e-12, atol=1e-12)
+
+
+# Shared properties (tests/aggregators/_properties.py) of PCGrad (seeded).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+def _pcgrad():
+    return PCGrad(seed=0)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(_pcgrad, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(_pcgrad, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(_pcgrad, J)

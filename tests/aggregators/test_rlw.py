@@ -12,6 +12,13 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.rlw import RLW, RandomSource
 
 from ..strategies import jacobians
+from ._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_zero,
+    matrices,
+    non_strongly_stationary_matrices,
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -83,3 +90,29 @@ def test_against_torchjd_random() -> None:
             ref = tj.Random()(J)
             ours = RLW("normal", seed=21)(J)
             assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6), (T, dtype)
+
+
+# Shared properties (tests/aggregators/_properties.py) of RLW (seeded).
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+def _rlw():
+    return RLW(seed=0)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(_rlw, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_linear_under_scaling(J: torch.Tensor) -> None:
+    assert_linear_under_scaling(_rlw, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(_rlw, J)

@@ -18,6 +18,16 @@ from ._cone_helpers import (
     scale_of,
     torchjd_reference,
 )
+from ._properties import (
+    assert_expected_structure,
+    assert_non_conflicting,
+    assert_non_zero,
+    assert_permutation_invariant,
+    assert_strongly_stationary,
+    matrices,
+    non_strongly_stationary_matrices,
+    strongly_stationary_matrices,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -73,8 +83,7 @@ def test_non_conflicting_finite_weighted(J: torch.Tensor) -> None:
 def test_permutation_invariant(J: torch.Tensor, rnd) -> None:
     perm = list(range(J.shape[0]))
     rnd.shuffle(perm)
-    d, d_perm = UPGrad()(J), UPGrad()(J[perm])
-    assert torch.allclose(d, d_perm, rtol=0, atol=1e-9 * scale_of(J))
+    assert_permutation_invariant(UPGrad, J, rtol=1e-9, perms=[perm])
 
 
 @settings(max_examples=80, deadline=None)
@@ -122,3 +131,37 @@ def test_registry_and_float32() -> None:
     d = agg(J)
     assert d.dtype == torch.float32 and bool(torch.isfinite(d).all())
     assert get("upgrad+tension").base.__class__ is UPGrad
+
+
+# Shared properties (tests/aggregators/_properties.py) of UPGrad.
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_expected_structure(J: torch.Tensor) -> None:
+    assert_expected_structure(UPGrad, J)
+
+
+@PROPERTY
+@given(matrices())
+def test_property_non_conflicting(J: torch.Tensor) -> None:
+    assert_non_conflicting(UPGrad, J)
+
+
+@PROPERTY
+@given(matrices(min_tasks=3, rank=2))
+def test_property_non_conflicting_rank_deficient(J: torch.Tensor) -> None:
+    assert_non_conflicting(UPGrad, J)
+
+
+@PROPERTY
+@given(strongly_stationary_matrices())
+def test_property_zero_on_strongly_stationary(J: torch.Tensor) -> None:
+    assert_strongly_stationary(UPGrad, J)
+
+
+@PROPERTY
+@given(non_strongly_stationary_matrices())
+def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
+    assert_non_zero(UPGrad, J)
