@@ -1,4 +1,5 @@
-"""References shared by the projection aggregators' tests (UPGrad, DualProj)."""
+"""Independent references shared by the projection aggregators' tests (UPGrad, DualProj):
+cvxpy's primal projection onto the dual cone and TorchJD's aggregators."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ._properties import assert_non_conflicting, scale_of
-
-__all__ = ["check_non_conflicting_weighted", "cvxpy_project", "scale_of", "torchjd_reference"]
+__all__ = ["cvxpy_project", "torchjd_reference"]
 
 
 def cvxpy_project(J: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -52,12 +51,3 @@ def torchjd_reference(name: str, J: torch.Tensor) -> torch.Tensor:
 
     projector = QuadprogProjector(norm_eps=0.0, reg_eps=1e-12)
     return getattr(torchjd.aggregation, name)(projector=projector)(J)
-
-
-def check_non_conflicting_weighted(agg, J: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """agg(J) is finite, conflicts with no row of J and equals agg.weights @ J; (d, scale)."""
-    d = assert_non_conflicting(agg, J)  # finite, J @ d >= -1e-10 s^2 T
-    s = scale_of(J)
-    assert agg.weights is not None
-    assert torch.allclose(agg.weights @ J, d, atol=1e-12 * s)
-    return d, s

@@ -1,5 +1,8 @@
-"""Aligned-MTL (Senushkin et al. 2023, Algorithm 1) against the Procrustes solution from the SVD
-of J (float64 numpy), its orthogonality property, and TorchJD 0.18."""
+"""Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR
+2023, Algorithm 1) against the Procrustes solution from the SVD of J (float64 numpy), its
+orthogonality property, and TorchJD 0.18; then the shared properties: expected structure,
+positive homogeneity, permutation invariance, a non-zero direction when the tasks share a descent
+direction."""
 
 from __future__ import annotations
 
@@ -11,14 +14,21 @@ from hypothesis import strategies as st
 
 from torch_mtlgrad.aggregators.alignedmtl import AlignedMTL, alignment_matrix
 
-from ..strategies import jacobians
-from ._properties import (
+from .._properties import (
+    assert_close,
     assert_expected_structure,
-    assert_linear_under_scaling,
-    assert_non_zero,
+    assert_finite_on_degenerate_matrices,
+    assert_nonzero_direction,
     assert_permutation_invariant,
-    matrices,
-    non_strongly_stationary_matrices,
+    assert_positively_homogeneous,
+    scale_of,
+)
+from ..strategies import (
+    DEGENERATE_MATRICES,
+    POSITIVE_SCALES,
+    common_direction_matrices,
+    gaussian_matrices,
+    jacobians,
 )
 
 
@@ -107,29 +117,45 @@ def test_against_torchjd() -> None:
                 assert torch.allclose(ours_p, ref_p, rtol=tol, atol=tol * float(ref_p.abs().max()))
 
 
-# Shared properties (tests/aggregators/_properties.py) of Aligned-MTL.
-PROPERTY = settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6),
+       K=gaussian_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    for dtype in (torch.float64, torch.float32):
+        assert_expected_structure(AlignedMTL(), J.to(dtype))
+    assert_expected_structure(AlignedMTL(), K)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
-    assert_expected_structure(AlignedMTL, J)
+def test_finite_on_degenerate_matrices() -> None:
+    assert_finite_on_degenerate_matrices(lambda T: AlignedMTL(), DEGENERATE_MATRICES)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_permutation_invariant(J: torch.Tensor) -> None:
-    assert_permutation_invariant(AlignedMTL, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=5, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       log_s=st.floats(-6, 6), K=gaussian_matrices())
+def test_positively_homogeneous(J: torch.Tensor, log_s: float, K: torch.Tensor) -> None:
+    """d(s J) = s d(J) for s > 0 (the scale sqrt(lambda) scales with s)."""
+    assert_positively_homogeneous(lambda: AlignedMTL(), J, 10.0**log_s, rtol=1e-8,
+                                  atol=1e-8 * float(J.norm(dim=1).sum()), norm=True)
+    assert_positively_homogeneous(lambda: AlignedMTL(), K, POSITIVE_SCALES,
+                                  atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_linear_under_scaling(J: torch.Tensor) -> None:
-    assert_linear_under_scaling(AlignedMTL, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       perm_seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_permutation_invariant(J: torch.Tensor, perm_seed: int, K: torch.Tensor) -> None:
+    """The SVD of P J is P U S V^T: the aligned gradients are reordered, their sum is not."""
+    perm = torch.randperm(J.shape[0], generator=torch.Generator().manual_seed(perm_seed))
+    a, b = assert_permutation_invariant(lambda: AlignedMTL(), J, perm, rtol=1e-9,
+                                        atol=1e-9 * float(J.norm(dim=1).sum()), norm=True)
+    wa, wb = a.weights[perm], b.weights  # the same weights, reordered
+    assert_close(wa, wb, rtol=1e-6, atol=1e-9 * float(wa.abs().max() + 1))
+    assert_permutation_invariant(lambda: AlignedMTL(), K, 3, atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(AlignedMTL, J)
+@settings(max_examples=25, deadline=None)
+@given(common_direction_matrices())
+def test_nonzero_off_weak_stationarity(J: torch.Tensor) -> None:
+    """The rows share a descent direction (0 is not in their hull): d != 0."""
+    assert_nonzero_direction(AlignedMTL(), J)

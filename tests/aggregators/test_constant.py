@@ -1,4 +1,7 @@
-"""Constant weights: d = w^T J with validated user weights, against TorchJD 0.18's Constant."""
+"""Constant weights: d = w^T J with validated user weights, against TorchJD 0.18's Constant; then
+its properties: expected structure, positive homogeneity, linearity under scaling, permutation
+invariance (the weights reordered with the rows) and, with positive weights, a non-zero direction
+off strong stationarity (Quinton and Rey 2024)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,22 @@ from hypothesis import strategies as st
 
 from torch_mtlgrad.aggregators.constant import Constant
 
-from ..strategies import jacobians
-from ._properties import (
+from .._properties import (
     assert_expected_structure,
+    assert_finite_on_degenerate_matrices,
     assert_linear_under_scaling,
-    assert_non_zero,
+    assert_nonzero_direction,
     assert_permutation_invariant,
-    matrices,
+    assert_positively_homogeneous,
+    scale_of,
+)
+from ..strategies import (
+    DEGENERATE_MATRICES,
+    POSITIVE_SCALES,
+    common_direction_matrices,
+    controlled_matrices,
+    gaussian_matrices,
+    jacobians,
     non_strongly_stationary_matrices,
 )
 
@@ -63,34 +75,71 @@ def test_against_torchjd() -> None:
     assert torch.allclose(Constant(w)(J), tj.Constant(w)(J), rtol=1e-14, atol=1e-14)
 
 
-# Shared properties (tests/aggregators/_properties.py) of Constant (positive weights; equal
-# weights for permutation invariance).
-PROPERTY = settings(max_examples=25, deadline=None)
+def increasing(T: int) -> Constant:
+    """The positive weights 0.5, 1.5, ..., T - 0.5."""
+    return Constant([0.5 + t for t in range(T)])
 
 
-def _constant(J: torch.Tensor, equal: bool = False) -> Constant:
-    return Constant([1.0 if equal else 0.5 + t for t in range(J.shape[0])])
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6),
+       K=gaussian_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    for dtype in (torch.float64, torch.float32):
+        assert_expected_structure(increasing(J.shape[0]), J.to(dtype))
+    assert_expected_structure(increasing(K.shape[0]), K)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
-    assert_expected_structure(_constant(J), J)
+def test_finite_on_degenerate_matrices() -> None:
+    assert_finite_on_degenerate_matrices(lambda T: increasing(T), DEGENERATE_MATRICES)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_permutation_invariant(J: torch.Tensor) -> None:
-    assert_permutation_invariant(_constant(J, equal=True), J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=5, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       log_s=st.floats(-6, 6), K=gaussian_matrices())
+def test_positively_homogeneous(J: torch.Tensor, log_s: float, K: torch.Tensor) -> None:
+    """d(s J) = s d(J) for s > 0."""
+    assert_positively_homogeneous(lambda: increasing(J.shape[0]), J, 10.0**log_s, rtol=1e-8,
+                                  atol=1e-8 * float(J.norm(dim=1).sum()), norm=True)
+    assert_positively_homogeneous(lambda: increasing(K.shape[0]), K, POSITIVE_SCALES,
+                                  atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_linear_under_scaling(J: torch.Tensor) -> None:
-    assert_linear_under_scaling(_constant(J), J)
+@settings(max_examples=20, deadline=None)
+@given(J=controlled_matrices(max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float]) -> None:
+    """The weights do not read J: Constant(w)(diag(c) J) = sum_t w_t c_t g_t, linear in c."""
+    T = J.shape[0]
+    c1_, c2_ = torch.tensor(c1[:T], dtype=J.dtype), torch.tensor(c2[:T], dtype=J.dtype)
+    assert_linear_under_scaling(lambda: increasing(T), J, c1_, c2_, atol=1e-12 * 20 * scale_of(J))
 
 
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(_constant(J), J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       perm_seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_permutation_invariant(J: torch.Tensor, perm_seed: int, K: torch.Tensor) -> None:
+    """Reordering the rows and the weights alike changes nothing; equal weights need no
+    reordering."""
+    T = J.shape[0]
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(perm_seed))
+    w = torch.arange(1.0, T + 1, dtype=torch.float64)
+    assert_permutation_invariant(lambda: Constant(w), J, perm, permuted=lambda: Constant(w[perm]),
+                                 rtol=1e-9, atol=1e-9 * float(J.norm(dim=1).sum()), norm=True,
+                                 weights=lambda agg: agg.weights)
+    assert_permutation_invariant(lambda: Constant([1.0] * K.shape[0]), K, 3,
+                                 atol=1e-9 * scale_of(K))
+
+
+@settings(max_examples=25, deadline=None)
+@given(non_strongly_stationary_matrices(max_tasks=6, max_dim=8))
+def test_nonzero_off_strong_stationarity(J: torch.Tensor) -> None:
+    """The weights are positive: sum_t w_t g_t = 0 with w > 0 only when J is strongly stationary."""
+    assert_nonzero_direction(increasing(J.shape[0]), J)
+
+
+@settings(max_examples=25, deadline=None)
+@given(common_direction_matrices())
+def test_nonzero_off_weak_stationarity(J: torch.Tensor) -> None:
+    """The rows share a descent direction (0 is not in their hull): d != 0."""
+    assert_nonzero_direction(increasing(J.shape[0]), J)

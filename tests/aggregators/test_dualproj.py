@@ -1,4 +1,9 @@
-"""DualProj: against cvxpy's projection and torchjd, and its properties."""
+"""DualProj (the projection of the mean gradient onto the dual cone of the rows: Lopez-Paz and
+Ranzato, NeurIPS 2017, eq. 10-13; named DualProj by Quinton and Rey, 2024): against cvxpy's
+projection and TorchJD, the KKT conditions of the projection, and its properties: non-conflicting
+and weighted, permutation invariant, positively homogeneous but not linear under scaling, and
+strongly stationary (d = 0 exactly when 0 is a positive combination of the rows); with the
+expected structure at any scale."""
 
 from __future__ import annotations
 
@@ -11,24 +16,26 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.aggregators.dualproj import DualProj
 
-from ..strategies import jacobians
-from ._cone_helpers import (
-    check_non_conflicting_weighted,
-    cvxpy_project,
-    scale_of,
-    torchjd_reference,
-)
-from ._properties import (
+from .._properties import (
     assert_expected_structure,
-    assert_linear_under_scaling,
     assert_non_conflicting,
-    assert_non_zero,
+    assert_nonzero_direction,
     assert_permutation_invariant,
-    assert_strongly_stationary,
-    matrices,
+    assert_positively_homogeneous,
+    assert_weighted,
+    assert_zero_direction,
+    scale_of,
+)
+from ..strategies import (
+    cancelling_row_matrices,
+    common_direction_matrices,
+    controlled_matrices,
+    gaussian_matrices,
+    jacobians,
     non_strongly_stationary_matrices,
     strongly_stationary_matrices,
 )
+from ._cone_helpers import cvxpy_project, torchjd_reference
 
 
 @settings(max_examples=40, deadline=None)
@@ -64,15 +71,22 @@ def test_matches_torchjd(T: int, seed: int, log_scale: float) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6))
-def test_non_conflicting_finite_minimal(J: torch.Tensor) -> None:
+@given(J=jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6),
+       K=gaussian_matrices(), R=gaussian_matrices(min_tasks=3, rank=2))
+def test_non_conflicting_finite_minimal(J: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> None:
+    """J d >= 0 (to 1e-10 T s^2) on hard, Gaussian and rank-2 Gaussian matrices; on the hard
+    ones d = w^T J, and d is the mean itself when the mean conflicts with no row."""
     agg = DualProj()
-    d, s = check_non_conflicting_weighted(agg, J)
+    d = assert_non_conflicting(agg, J)
+    s = scale_of(J)
+    assert_weighted(agg, J, d, atol=1e-12 * s)
     # Idempotent: d is already in the cone, so projecting J-combinations of it changes nothing
     # when the mean does not conflict.
     mean = J.mean(0)
     if bool((J @ mean >= 0).all()):
         assert torch.allclose(d, mean, rtol=0, atol=1e-12 * s)
+    assert_non_conflicting(DualProj(), K)
+    assert_non_conflicting(DualProj(), R)
 
 
 @settings(max_examples=80, deadline=None)
@@ -80,14 +94,14 @@ def test_non_conflicting_finite_minimal(J: torch.Tensor) -> None:
 def test_permutation_invariant(J: torch.Tensor, rnd) -> None:
     perm = list(range(J.shape[0]))
     rnd.shuffle(perm)
-    assert_permutation_invariant(DualProj, J, rtol=1e-9, perms=[perm])
+    assert_permutation_invariant(DualProj, J, perm, atol=1e-9 * scale_of(J))
 
 
 @settings(max_examples=40, deadline=None)
 @given(jacobians(max_tasks=8, min_log_scale=-6, max_log_scale=6), st.floats(1e-3, 1e3))
 def test_positively_homogeneous(J: torch.Tensor, c: float) -> None:
     """Scaling every row by the same c > 0 scales d by c (not linear in per-row scalings)."""
-    assert_linear_under_scaling(DualProj, J, rtol=1e-9, scales=[c])
+    assert_positively_homogeneous(DualProj, J, c, atol=1e-9 * scale_of(J))
 
 
 def test_not_linear_under_row_scaling() -> None:
@@ -113,35 +127,26 @@ def test_known_values_zero_rows_and_errors() -> None:
     assert isinstance(get("dualproj"), DualProj)
 
 
-# Shared properties (tests/aggregators/_properties.py) of DualProj.
-PROPERTY = settings(max_examples=25, deadline=None)
-
-
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
+@settings(max_examples=25, deadline=None)
+@given(J=gaussian_matrices(), K=controlled_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    """On Gaussian matrices, and on any rank, stationarity and scale (10^-8 to 10^8)."""
     assert_expected_structure(DualProj, J)
+    assert_expected_structure(DualProj, K, weights_atol=1e-10 * float(K.norm(dim=1).sum()))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_non_conflicting(J: torch.Tensor) -> None:
-    assert_non_conflicting(DualProj, J)
+@settings(max_examples=25, deadline=None)
+@given(J=cancelling_row_matrices(), K=strongly_stationary_matrices())
+def test_zero_at_strong_stationarity(J: torch.Tensor, K: torch.Tensor) -> None:
+    """v^T J = 0 for a v > 0: the dual cone is the null space of J, and the mean (in the row
+    space) projects to 0."""
+    assert_zero_direction(DualProj, J, rtol=1e-7)
+    assert_zero_direction(DualProj, K, rtol=1e-10)
 
 
-@PROPERTY
-@given(matrices(min_tasks=3, rank=2))
-def test_property_non_conflicting_rank_deficient(J: torch.Tensor) -> None:
-    assert_non_conflicting(DualProj, J)
-
-
-@PROPERTY
-@given(strongly_stationary_matrices())
-def test_property_zero_on_strongly_stationary(J: torch.Tensor) -> None:
-    assert_strongly_stationary(DualProj, J)
-
-
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(DualProj, J)
+@settings(max_examples=25, deadline=None)
+@given(J=non_strongly_stationary_matrices(), K=common_direction_matrices())
+def test_nonzero_off_strong_stationarity(J: torch.Tensor, K: torch.Tensor) -> None:
+    """d = (1/T + lam)^T J with lam >= 0: d = 0 only when J is strongly stationary."""
+    assert_nonzero_direction(DualProj, J)
+    assert_nonzero_direction(DualProj, K)

@@ -1,5 +1,9 @@
-"""GradVac (Wang et al. 2021, Algorithm 1) against a literal float64 implementation on the rows of
-J over several steps (the EMA state carried), and against TorchJD 0.18."""
+"""GradVac (Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in
+Massively Multilingual Models", ICLR 2021, Algorithm 1) against a literal float64 implementation on
+the rows of J over several steps (the EMA state carried), and against TorchJD 0.18; then its
+properties, with the same draws: expected structure, positive homogeneity and linearity under
+scaling (the cosines do not read the norms), invariance to the order of two tasks on the first
+call, a non-zero direction when the tasks share a descent direction."""
 
 from __future__ import annotations
 
@@ -13,13 +17,23 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators.gradvac import GradVac
 from torch_mtlgrad.aggregators.pcgrad import PCGrad
 
-from ..strategies import jacobians
-from ._properties import (
+from .._properties import (
+    assert_close,
     assert_expected_structure,
+    assert_finite_on_degenerate_matrices,
     assert_linear_under_scaling,
-    assert_non_zero,
-    matrices,
-    non_strongly_stationary_matrices,
+    assert_nonzero_direction,
+    assert_permutation_invariant,
+    assert_positively_homogeneous,
+    scale_of,
+)
+from ..strategies import (
+    DEGENERATE_MATRICES,
+    POSITIVE_SCALES,
+    common_direction_matrices,
+    full_rank_matrices,
+    gaussian_matrices,
+    jacobians,
 )
 
 EPS = torch.finfo(torch.float64).eps
@@ -148,27 +162,64 @@ def test_against_torchjd() -> None:
             assert torch.allclose(a, b, rtol=1e-7, atol=1e-7 * float(a.abs().max())), (T, a, b)
 
 
-# Shared properties (tests/aggregators/_properties.py) of GradVac (seeded).
-PROPERTY = settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6),
+       seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_expected_structure(J: torch.Tensor, seed: int, K: torch.Tensor) -> None:
+    for dtype in (torch.float64, torch.float32):
+        assert_expected_structure(GradVac(beta=0.3, seed=seed), J.to(dtype))
+    assert_expected_structure(GradVac(seed=0), K)
 
 
-def _gradvac():
-    return GradVac(seed=0)
+def test_finite_on_degenerate_matrices() -> None:
+    assert_finite_on_degenerate_matrices(lambda T: GradVac(beta=0.3, seed=0), DEGENERATE_MATRICES)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
-    assert_expected_structure(_gradvac, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=5, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       log_s=st.floats(-6, 6), seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_positively_homogeneous(J: torch.Tensor, log_s: float, seed: int, K: torch.Tensor) -> None:
+    """d(s J) = s d(J) for s > 0 with the same draws (the corrections read cosines and norm
+    ratios)."""
+    assert_positively_homogeneous(lambda: GradVac(beta=0.3, seed=seed), J, 10.0**log_s, rtol=1e-8,
+                                  atol=1e-8 * float(J.norm(dim=1).sum()), norm=True)
+    assert_positively_homogeneous(lambda: GradVac(seed=0), K, POSITIVE_SCALES,
+                                  atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_linear_under_scaling(J: torch.Tensor) -> None:
-    assert_linear_under_scaling(_gradvac, J)
+@settings(max_examples=20, deadline=None)
+@given(J=full_rank_matrices(max_tasks=5, min_dim=5, max_dim=8, min_log_scale=-3,
+                              max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float], seed: int) -> None:
+    """GradVac(diag(c) J) = sum_i c_i g_i^PC(J) over several steps: the cosines and the EMA
+    targets do not change when rows are scaled, and each correction of g_i scales with c_i.
+    (Independent rows: with colinear ones a corrected g_i cancels to rounding, where the
+    choice to skip it is not scale-free.)"""
+    T = J.shape[0]
+    rot = torch.linspace(1.0, 0.5, J.shape[1], dtype=J.dtype)
+    steps = [J * rot**k for k in range(3)]  # gradients that change between steps
+    c1_, c2_ = torch.tensor(c1[:T], dtype=J.dtype), torch.tensor(c2[:T], dtype=J.dtype)
+    assert_linear_under_scaling(lambda: GradVac(beta=0.3, seed=seed), steps, c1_, c2_,
+                                atol=1e-9 * 20 * scale_of(J))
 
 
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(_gradvac, J)
+@settings(max_examples=20, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       seed=st.integers(0, 2**31 - 1), perm_seed=st.integers(0, 2**31 - 1))
+def test_permutation_invariant_two_tasks(J: torch.Tensor, seed: int, perm_seed: int) -> None:
+    """On the first call (targets 0, as PCGrad) the order of two tasks plays no role."""
+    J = J[:2]
+    perm = torch.randperm(J.shape[0], generator=torch.Generator().manual_seed(perm_seed))
+    a, b = assert_permutation_invariant(lambda: GradVac(beta=0.3, seed=seed), J, perm, rtol=1e-9,
+                                        atol=1e-9 * float(J.norm(dim=1).sum()), norm=True)
+    wa, wb = a.weights[perm], b.weights  # the same weights, reordered
+    assert_close(wa, wb, rtol=1e-6, atol=1e-9 * float(wa.abs().max() + 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(common_direction_matrices())
+def test_nonzero_off_weak_stationarity(J: torch.Tensor) -> None:
+    """The rows share a descent direction (0 is not in their hull): d != 0."""
+    assert_nonzero_direction(GradVac(seed=0), J)

@@ -1,5 +1,8 @@
-"""IMTL-G (Liu et al. 2021) against the paper's closed form on J in float64 numpy and against
-TorchJD 0.18; equal projections, invariance to row scaling, degenerate inputs."""
+"""IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2) against the
+paper's closed form on J in float64 numpy and against TorchJD 0.18; equal projections, invariance
+of the direction's line to row scaling, degenerate inputs; then the shared properties: expected
+structure, positive homogeneity, permutation invariance, a non-zero direction when the tasks share
+a descent direction.  (Not non-conflicting: the equal projections can be negative.)"""
 
 from __future__ import annotations
 
@@ -11,14 +14,22 @@ from hypothesis import strategies as st
 
 from torch_mtlgrad.aggregators.imtlg import IMTLG, imtlg_weights
 
-from ..strategies import jacobians
-from ._properties import (
+from .._properties import (
+    assert_close,
     assert_expected_structure,
-    assert_linear_under_scaling,
-    assert_non_zero,
+    assert_finite_on_degenerate_matrices,
+    assert_nonzero_direction,
     assert_permutation_invariant,
-    matrices,
-    non_strongly_stationary_matrices,
+    assert_positively_homogeneous,
+    scale_of,
+)
+from ..strategies import (
+    DEGENERATE_MATRICES,
+    POSITIVE_SCALES,
+    common_direction_matrices,
+    gaussian_matrices,
+    independent_row_matrices,
+    jacobians,
 )
 
 
@@ -53,17 +64,8 @@ def test_matches_paper_closed_form(J: torch.Tensor) -> None:
     assert torch.allclose(agg.diagnostics["projections"], proj, rtol=1e-7)
 
 
-@st.composite
-def independent_rows(draw: st.DrawFn) -> torch.Tensor:
-    """T <= D random rows (independent with probability 1), scaled by 10^s."""
-    T = draw(st.integers(2, 5))
-    D = draw(st.integers(T, 10))
-    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    return torch.tensor(rng.standard_normal((T, D)) * 10.0 ** draw(st.floats(-3, 3)))
-
-
 @settings(max_examples=40, deadline=None)
-@given(J=independent_rows(), log_k=st.lists(st.floats(-3, 3), min_size=5, max_size=5))
+@given(J=independent_row_matrices(), log_k=st.lists(st.floats(-3, 3), min_size=5, max_size=5))
 @example(  # rows scaled by 1e-3 and 1e2: on G itself this lost 3 digits
     J=torch.tensor([[0.1257, -0.1321, 0.6404, 0.1049, -0.5357],
                     [0.3616, 1.3040, 0.9471, -0.7037, -1.2654],
@@ -132,29 +134,45 @@ def test_against_torchjd() -> None:
             assert abs(abs(cos) - 1) < 10 * tol, (T, dtype, cos)
 
 
-# Shared properties (tests/aggregators/_properties.py) of IMTL-G.
-PROPERTY = settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6),
+       K=gaussian_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    for dtype in (torch.float64, torch.float32):
+        assert_expected_structure(IMTLG(), J.to(dtype))
+    assert_expected_structure(IMTLG(), K)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
-    assert_expected_structure(IMTLG, J)
+def test_finite_on_degenerate_matrices() -> None:
+    assert_finite_on_degenerate_matrices(lambda T: IMTLG(), DEGENERATE_MATRICES)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_permutation_invariant(J: torch.Tensor) -> None:
-    assert_permutation_invariant(IMTLG, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=5, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       log_s=st.floats(-6, 6), K=gaussian_matrices())
+def test_positively_homogeneous(J: torch.Tensor, log_s: float, K: torch.Tensor) -> None:
+    """d(s J) = s d(J) for s > 0 (the unit gradients do not change)."""
+    assert_positively_homogeneous(lambda: IMTLG(), J, 10.0**log_s, rtol=1e-8,
+                                  atol=1e-8 * float(J.norm(dim=1).sum()), norm=True)
+    assert_positively_homogeneous(lambda: IMTLG(), K, POSITIVE_SCALES,
+                                  atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_linear_under_scaling(J: torch.Tensor) -> None:
-    assert_linear_under_scaling(IMTLG, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       perm_seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_permutation_invariant(J: torch.Tensor, perm_seed: int, K: torch.Tensor) -> None:
+    """The equal-projection conditions do not depend on the order of the tasks."""
+    perm = torch.randperm(J.shape[0], generator=torch.Generator().manual_seed(perm_seed))
+    a, b = assert_permutation_invariant(lambda: IMTLG(), J, perm, rtol=1e-9,
+                                        atol=1e-9 * float(J.norm(dim=1).sum()), norm=True)
+    wa, wb = a.weights[perm], b.weights  # the same weights, reordered
+    assert_close(wa, wb, rtol=1e-6, atol=1e-9 * float(wa.abs().max() + 1))
+    assert_permutation_invariant(lambda: IMTLG(), K, 3, atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(IMTLG, J)
+@settings(max_examples=25, deadline=None)
+@given(common_direction_matrices())
+def test_nonzero_off_weak_stationarity(J: torch.Tensor) -> None:
+    """The rows share a descent direction (0 is not in their hull): d != 0."""
+    assert_nonzero_direction(IMTLG(), J)

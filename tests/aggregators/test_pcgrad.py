@@ -1,5 +1,9 @@
-"""PCGrad (Yu et al. 2020, Algorithm 1) against a literal float64 implementation on the rows of J
-and against TorchJD 0.18; the two-task non-conflict property."""
+"""PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1)
+against a literal float64 implementation on the rows of J, against TorchJD 0.18 and, for two
+tasks, against UPGrad (Quinton and Rey 2024); then its properties: two tasks never conflict,
+expected structure, positive homogeneity and linearity under scaling (with the same draws: the
+projection onto the normal plane of ``g_j`` does not depend on the norm of ``g_j``), invariance to
+the order of two tasks, a non-zero direction when the tasks share a descent direction."""
 
 from __future__ import annotations
 
@@ -9,14 +13,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_mtlgrad.aggregators.pcgrad import PCGrad, pcgrad_weights
+from torch_mtlgrad.aggregators.upgrad import UPGrad
 
-from ..strategies import jacobians
-from ._properties import (
+from .._properties import (
+    assert_close,
     assert_expected_structure,
+    assert_finite_on_degenerate_matrices,
     assert_linear_under_scaling,
-    assert_non_zero,
-    matrices,
-    non_strongly_stationary_matrices,
+    assert_non_conflicting,
+    assert_nonzero_direction,
+    assert_permutation_invariant,
+    assert_positively_homogeneous,
+    scale_of,
+)
+from ..strategies import (
+    DEGENERATE_MATRICES,
+    POSITIVE_SCALES,
+    common_direction_matrices,
+    controlled_matrices,
+    gaussian_matrices,
+    jacobians,
 )
 
 
@@ -56,8 +72,8 @@ def test_matches_literal_algorithm(J: torch.Tensor, seed: int) -> None:
 def test_two_tasks_never_conflict(J: torch.Tensor) -> None:
     """With two tasks, g_t . d >= 0 for both (each g_i^PC is orthogonal to the other g_j)."""
     d = PCGrad(seed=0)(J)
-    norms = J.norm(dim=1)
-    assert bool((J @ d >= -1e-9 * norms * norms.sum()).all()), J @ d
+    # 0.5e-9 ||g_t|| (||d|| + max ||g||) <= 1e-9 ||g_t|| (||g_1|| + ||g_2||): ||d|| <= the sum.
+    assert_non_conflicting(d, J, rtol=0.5e-9)
     # Order plays no role for two tasks.
     assert torch.equal(d, PCGrad(order="fixed")(J))
 
@@ -108,27 +124,66 @@ def test_against_torchjd() -> None:
         assert torch.allclose(PCGrad(seed=123)(J), ref, rtol=1e-12, atol=1e-12)
 
 
-# Shared properties (tests/aggregators/_properties.py) of PCGrad (seeded).
-PROPERTY = settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
+@given(J=controlled_matrices(min_tasks=2, max_tasks=2, max_dim=10))
+def test_two_tasks_is_twice_upgrad(J: torch.Tensor) -> None:
+    """For two tasks, each g_i^PC is the projection of g_i onto the dual cone {x : J x >= 0}:
+    PCGrad sums the projections, UPGrad (Quinton and Rey 2024) averages them."""
+    assert_close(PCGrad(seed=0)(J), 2 * UPGrad()(J), atol=1e-9 * scale_of(J))
 
 
-def _pcgrad():
-    return PCGrad(seed=0)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6),
+       seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_expected_structure(J: torch.Tensor, seed: int, K: torch.Tensor) -> None:
+    for dtype in (torch.float64, torch.float32):
+        assert_expected_structure(PCGrad(seed=seed), J.to(dtype))
+    assert_expected_structure(PCGrad(seed=0), K)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
-    assert_expected_structure(_pcgrad, J)
+def test_finite_on_degenerate_matrices() -> None:
+    assert_finite_on_degenerate_matrices(lambda T: PCGrad(seed=0), DEGENERATE_MATRICES)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_linear_under_scaling(J: torch.Tensor) -> None:
-    assert_linear_under_scaling(_pcgrad, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=5, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       log_s=st.floats(-6, 6), seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_positively_homogeneous(J: torch.Tensor, log_s: float, seed: int, K: torch.Tensor) -> None:
+    """d(s J) = s d(J) for s > 0, with the same draws."""
+    assert_positively_homogeneous(lambda: PCGrad(seed=seed), J, 10.0**log_s, rtol=1e-8,
+                                  atol=1e-8 * float(J.norm(dim=1).sum()), norm=True)
+    assert_positively_homogeneous(lambda: PCGrad(seed=0), K, POSITIVE_SCALES,
+                                  atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(_pcgrad, J)
+@settings(max_examples=20, deadline=None)
+@given(J=controlled_matrices(max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float], seed: int) -> None:
+    """PCGrad(diag(c) J) = sum_i c_i g_i^PC(J): the signs of g_i^PC . g_j and the projections
+    onto the normal planes do not change when rows are scaled by c > 0."""
+    T = J.shape[0]
+    assert_linear_under_scaling(lambda: PCGrad(seed=seed), J, torch.tensor(c1[:T], dtype=J.dtype),
+                                torch.tensor(c2[:T], dtype=J.dtype), atol=1e-9 * 20 * scale_of(J))
+
+
+@settings(max_examples=20, deadline=None)
+@given(J=jacobians(min_tasks=2, max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       seed=st.integers(0, 2**31 - 1), perm_seed=st.integers(0, 2**31 - 1))
+def test_permutation_invariant_two_tasks(J: torch.Tensor, seed: int, perm_seed: int) -> None:
+    """For two tasks the visiting order plays no role: swapping them swaps the weights."""
+    J = J[:2]
+    perm = torch.randperm(2, generator=torch.Generator().manual_seed(perm_seed))
+    rtol = 1e-9
+    a, b = assert_permutation_invariant(lambda: PCGrad(seed=seed), J, perm, rtol=rtol,
+                                        atol=rtol * float(J.norm(dim=1).sum()), norm=True)
+    wa, wb = a.weights[perm], b.weights
+    assert_close(wa, wb, rtol=1e-6, atol=1e-9 * float(wa.abs().max() + 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(common_direction_matrices())
+def test_nonzero_off_weak_stationarity(J: torch.Tensor) -> None:
+    """The rows share a descent direction (0 is not in their hull): d != 0."""
+    assert_nonzero_direction(PCGrad(seed=0), J)

@@ -1,6 +1,10 @@
-"""RLW (Lin et al. 2022, with CoNAL's retraining distribution: w ~ U[0,1]^T normalised to sum 1) against the draws
-recomputed from the seed, its distribution, the shared RandomSource, and TorchJD 0.18's Random
-(the softmax-of-normal variant)."""
+"""RLW (Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task
+Learning", TMLR 2022; by default with the distribution of Yue et al., AAAI 2023, eq. 3:
+w ~ U[0,1]^T normalised to sum 1) against the draws recomputed from the seed, its distribution,
+the shared RandomSource, and TorchJD 0.18's Random (the softmax-of-normal variant); then its
+properties, with the same draws: expected structure, positive homogeneity, linearity under
+scaling (the weights do not read J), and, the weights being positive, a non-zero direction off
+strong stationarity."""
 
 from __future__ import annotations
 
@@ -11,12 +15,21 @@ from hypothesis import strategies as st
 
 from torch_mtlgrad.aggregators.rlw import RLW, RandomSource
 
-from ..strategies import jacobians
-from ._properties import (
+from .._properties import (
     assert_expected_structure,
+    assert_finite_on_degenerate_matrices,
     assert_linear_under_scaling,
-    assert_non_zero,
-    matrices,
+    assert_nonzero_direction,
+    assert_positively_homogeneous,
+    scale_of,
+)
+from ..strategies import (
+    DEGENERATE_MATRICES,
+    POSITIVE_SCALES,
+    common_direction_matrices,
+    controlled_matrices,
+    gaussian_matrices,
+    jacobians,
     non_strongly_stationary_matrices,
 )
 
@@ -92,27 +105,50 @@ def test_against_torchjd_random() -> None:
             assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6), (T, dtype)
 
 
-# Shared properties (tests/aggregators/_properties.py) of RLW (seeded).
-PROPERTY = settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=6, max_dim=10, min_log_scale=-6, max_log_scale=6),
+       seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_expected_structure(J: torch.Tensor, seed: int, K: torch.Tensor) -> None:
+    for dtype in (torch.float64, torch.float32):
+        assert_expected_structure(RLW(seed=seed), J.to(dtype))
+    assert_expected_structure(RLW(seed=0), K)
 
 
-def _rlw():
-    return RLW(seed=0)
+def test_finite_on_degenerate_matrices() -> None:
+    assert_finite_on_degenerate_matrices(lambda T: RLW(seed=0), DEGENERATE_MATRICES)
 
 
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
-    assert_expected_structure(_rlw, J)
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(min_tasks=1, max_tasks=5, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       log_s=st.floats(-6, 6), seed=st.integers(0, 2**31 - 1), K=gaussian_matrices())
+def test_positively_homogeneous(J: torch.Tensor, log_s: float, seed: int, K: torch.Tensor) -> None:
+    """d(s J) = s d(J) for s > 0 with the same draws."""
+    assert_positively_homogeneous(lambda: RLW(seed=seed), J, 10.0**log_s, rtol=1e-8,
+                                  atol=1e-8 * float(J.norm(dim=1).sum()), norm=True)
+    assert_positively_homogeneous(lambda: RLW(seed=0), K, POSITIVE_SCALES,
+                                  atol=1e-9 * scale_of(K))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_linear_under_scaling(J: torch.Tensor) -> None:
-    assert_linear_under_scaling(_rlw, J)
+@settings(max_examples=20, deadline=None)
+@given(J=controlled_matrices(max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float], seed: int) -> None:
+    """The weights do not read J: RLW(diag(c) J) = sum_t w_t c_t g_t, linear in c (same draws)."""
+    T = J.shape[0]
+    c1_, c2_ = torch.tensor(c1[:T], dtype=J.dtype), torch.tensor(c2[:T], dtype=J.dtype)
+    assert_linear_under_scaling(lambda: RLW(seed=seed), J, c1_, c2_, atol=1e-12 * 20 * scale_of(J))
 
 
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(_rlw, J)
+@settings(max_examples=25, deadline=None)
+@given(non_strongly_stationary_matrices(max_tasks=6, max_dim=8))
+def test_nonzero_off_strong_stationarity(J: torch.Tensor) -> None:
+    """The weights are positive: sum_t w_t g_t = 0 with w > 0 only when J is strongly stationary."""
+    assert_nonzero_direction(RLW(seed=0), J)
+
+
+@settings(max_examples=25, deadline=None)
+@given(common_direction_matrices())
+def test_nonzero_off_weak_stationarity(J: torch.Tensor) -> None:
+    """The rows share a descent direction (0 is not in their hull): d != 0."""
+    assert_nonzero_direction(RLW(seed=0), J)

@@ -1,4 +1,8 @@
-"""UPGrad: against cvxpy's projection and torchjd, and the properties the paper proves."""
+"""UPGrad (Quinton and Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024): against
+cvxpy's projection and TorchJD, the KKT conditions of every projection, and the properties the
+paper proves: non-conflicting and weighted (with weights at least the preference), permutation
+invariant, linear under scaling, and strongly stationary (d = 0 exactly when 0 is a positive
+combination of the rows); with the expected structure at any scale."""
 
 from __future__ import annotations
 
@@ -11,23 +15,26 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.aggregators.upgrad import UPGrad
 
-from ..strategies import jacobians
-from ._cone_helpers import (
-    check_non_conflicting_weighted,
-    cvxpy_project,
-    scale_of,
-    torchjd_reference,
-)
-from ._properties import (
+from .._properties import (
     assert_expected_structure,
+    assert_linear_under_scaling,
     assert_non_conflicting,
-    assert_non_zero,
+    assert_nonzero_direction,
     assert_permutation_invariant,
-    assert_strongly_stationary,
-    matrices,
+    assert_weighted,
+    assert_zero_direction,
+    scale_of,
+)
+from ..strategies import (
+    cancelling_row_matrices,
+    common_direction_matrices,
+    controlled_matrices,
+    gaussian_matrices,
+    jacobians,
     non_strongly_stationary_matrices,
     strongly_stationary_matrices,
 )
+from ._cone_helpers import cvxpy_project, torchjd_reference
 
 
 @settings(max_examples=40, deadline=None)
@@ -70,12 +77,17 @@ def test_matches_torchjd(T: int, seed: int, log_scale: float) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6))
-def test_non_conflicting_finite_weighted(J: torch.Tensor) -> None:
+@given(J=jacobians(max_tasks=10, max_dim=12, min_log_scale=-6, max_log_scale=6),
+       K=gaussian_matrices(), R=gaussian_matrices(min_tasks=3, rank=2))
+def test_non_conflicting_finite_weighted(J: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> None:
+    """J d >= 0 (to 1e-10 T s^2) on hard, Gaussian and rank-2 Gaussian matrices; on the hard
+    ones, d = w^T J with w >= p (the dual variables are non-negative)."""
     agg = UPGrad()
-    check_non_conflicting_weighted(agg, J)
-    # Weighted: d = w^T J with w >= p (the dual variables are non-negative).
+    d = assert_non_conflicting(agg, J)
+    assert_weighted(agg, J, d, atol=1e-12 * scale_of(J))
     assert bool((agg.weights >= 1.0 / J.shape[0] - 1e-12).all())
+    assert_non_conflicting(UPGrad(), K)
+    assert_non_conflicting(UPGrad(), R)
 
 
 @settings(max_examples=80, deadline=None)
@@ -83,7 +95,7 @@ def test_non_conflicting_finite_weighted(J: torch.Tensor) -> None:
 def test_permutation_invariant(J: torch.Tensor, rnd) -> None:
     perm = list(range(J.shape[0]))
     rnd.shuffle(perm)
-    assert_permutation_invariant(UPGrad, J, rtol=1e-9, perms=[perm])
+    assert_permutation_invariant(UPGrad, J, perm, atol=1e-9 * scale_of(J))
 
 
 @settings(max_examples=80, deadline=None)
@@ -95,10 +107,7 @@ def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float])
     T = J.shape[0]
     a = torch.tensor(c1[:T], dtype=J.dtype)
     b = torch.tensor(c2[:T], dtype=J.dtype)
-    agg = UPGrad()
-    lhs = agg(J * (a + b)[:, None])
-    rhs = agg(J * a[:, None]) + agg(J * b[:, None])
-    assert torch.allclose(lhs, rhs, rtol=0, atol=1e-9 * 20 * scale_of(J))
+    assert_linear_under_scaling(UPGrad, J, a, b, atol=1e-9 * 20 * scale_of(J))
 
 
 def test_known_values_and_zero_rows() -> None:
@@ -133,35 +142,27 @@ def test_registry_and_float32() -> None:
     assert get("upgrad+tension").base.__class__ is UPGrad
 
 
-# Shared properties (tests/aggregators/_properties.py) of UPGrad.
-PROPERTY = settings(max_examples=25, deadline=None)
-
-
-@PROPERTY
-@given(matrices())
-def test_property_expected_structure(J: torch.Tensor) -> None:
+@settings(max_examples=25, deadline=None)
+@given(J=gaussian_matrices(), K=controlled_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    """On Gaussian matrices, and on any rank, stationarity and scale (10^-8 to 10^8)."""
     assert_expected_structure(UPGrad, J)
+    assert_expected_structure(UPGrad, K, weights_atol=1e-10 * float(K.norm(dim=1).sum()))
 
 
-@PROPERTY
-@given(matrices())
-def test_property_non_conflicting(J: torch.Tensor) -> None:
-    assert_non_conflicting(UPGrad, J)
+@settings(max_examples=25, deadline=None)
+@given(J=cancelling_row_matrices(), K=strongly_stationary_matrices())
+def test_zero_at_strong_stationarity(J: torch.Tensor, K: torch.Tensor) -> None:
+    """v^T J = 0 for a v > 0: the dual cone {x : J x >= 0} is the null space of J, onto which
+    every row projects to 0."""
+    assert_zero_direction(UPGrad, J, rtol=1e-7)
+    assert_zero_direction(UPGrad, K, rtol=1e-10)
 
 
-@PROPERTY
-@given(matrices(min_tasks=3, rank=2))
-def test_property_non_conflicting_rank_deficient(J: torch.Tensor) -> None:
-    assert_non_conflicting(UPGrad, J)
-
-
-@PROPERTY
-@given(strongly_stationary_matrices())
-def test_property_zero_on_strongly_stationary(J: torch.Tensor) -> None:
-    assert_strongly_stationary(UPGrad, J)
-
-
-@PROPERTY
-@given(non_strongly_stationary_matrices())
-def test_property_non_zero_off_stationary(J: torch.Tensor) -> None:
-    assert_non_zero(UPGrad, J)
+@settings(max_examples=25, deadline=None)
+@given(J=non_strongly_stationary_matrices(), K=common_direction_matrices())
+def test_nonzero_off_strong_stationarity(J: torch.Tensor, K: torch.Tensor) -> None:
+    """The weights are at least p > 0, so d = w^T J = 0 only when J is strongly stationary:
+    d != 0 on strictly weakly stationary matrices and where the rows share a descent direction."""
+    assert_nonzero_direction(UPGrad, J)
+    assert_nonzero_direction(UPGrad, K)

@@ -1,4 +1,8 @@
-"""DWA: eq. (7)-(8) by hand in float64 over several epochs, properties and state."""
+"""DWA (Liu, Johns and Davison, *End-to-End Multi-Task Learning with Attention*, CVPR 2019,
+Sec. 3.3, eq. 7-8): the weights by hand in float64 over several epochs; then its properties:
+permutation invariance and scale-freeness in the losses (the weights read loss ratios), expected
+structure, linearity under scaling of J, and, the weights being positive, a non-zero direction off
+strong stationarity; manual epochs and state."""
 
 from __future__ import annotations
 
@@ -11,8 +15,20 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import DWA
 
-from ..strategies import jacobians
-from ._helpers import check_scale_free_and_permutation_equivariant, check_state_dict_roundtrip
+from .._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_loss_scale_free,
+    assert_nonzero_direction,
+    assert_permutation_invariant,
+    assert_state_dict_roundtrip,
+    scale_of,
+)
+from ..strategies import (
+    controlled_matrices,
+    jacobians,
+    non_strongly_stationary_matrices,
+)
 
 
 def reference_weights(Ls: list[np.ndarray], steps_per_epoch: int, temp: float) -> list[np.ndarray]:
@@ -71,7 +87,12 @@ def test_manual_epochs_equal_counted_epochs() -> None:
 def test_finite_scale_free_and_permutation_equivariant(J: torch.Tensor, log_loss: float,
                                                        rnd) -> None:
     """Weights depend on loss ratios only: scaling every loss by c changes nothing."""
-    check_scale_free_and_permutation_equivariant(DWA, J, log_loss, rnd)
+    T = J.shape[0]
+    perm = list(range(T))
+    rnd.shuffle(perm)
+    steps = [(J, torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-k) + 0.1 * k) for k in range(4)]
+    assert_permutation_invariant(DWA, steps, perm, rtol=1e-12, atol=1e-12 * float(J.abs().max()))
+    assert_loss_scale_free(DWA, steps, 10.0**log_loss, rtol=1e-9, atol=1e-8)
 
 
 def test_zero_loss_gives_ratio_one() -> None:
@@ -86,7 +107,7 @@ def test_zero_loss_gives_ratio_one() -> None:
 
 def test_state_dict_roundtrip_mid_epoch() -> None:
     # 7 of 14 steps at 3 steps per epoch: the state is saved inside the third epoch.
-    check_state_dict_roundtrip(lambda: DWA(steps_per_epoch=3), seed=2, steps=14, split=7)
+    assert_state_dict_roundtrip(lambda: DWA(steps_per_epoch=3), seed=2, steps=14, split=7)
 
 
 def test_validation_and_registry() -> None:
@@ -104,3 +125,38 @@ def test_validation_and_registry() -> None:
     assert isinstance(get("dwa", temperature=1.0), DWA)
     with pytest.raises(ValueError, match="tension"):
         get("dwa+tension")
+
+
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(max_tasks=6, min_log_scale=-6, max_log_scale=6), K=controlled_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    """Over three calls with changing losses, on hard matrices and at any rank and scale."""
+    for M in (J, K):
+        agg = DWA()
+        for step in range(3):
+            L = torch.linspace(1.0, 3.0, M.shape[0], dtype=M.dtype) ** (-step) + 0.1 * step
+            assert_expected_structure(agg, M, L, weights_atol=1e-12 * float(M.norm(dim=1).sum()))
+
+
+@settings(max_examples=20, deadline=None)
+@given(J=controlled_matrices(max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float]) -> None:
+    """The weights read the losses only: with the same losses, A(diag(c) J) = sum_t w_t c_t g_t
+    at every step, linear in c."""
+    T = J.shape[0]
+    steps = [(J, torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-k) + 0.1 * k) for k in range(4)]
+    c1_, c2_ = torch.tensor(c1[:T], dtype=J.dtype), torch.tensor(c2[:T], dtype=J.dtype)
+    assert_linear_under_scaling(lambda: DWA(), steps, c1_, c2_,
+                                atol=1e-12 * 20 * T * scale_of(J))
+
+
+@settings(max_examples=25, deadline=None)
+@given(non_strongly_stationary_matrices())
+def test_nonzero_off_strong_stationarity(J: torch.Tensor) -> None:
+    """Positive weights: d = w^T J = 0 only when J is strongly stationary."""
+    agg = DWA()
+    for step in range(3):
+        L = torch.linspace(1.0, 3.0, J.shape[0], dtype=J.dtype) ** (-step) + 0.1 * step
+        assert_nonzero_direction(agg, J, L)

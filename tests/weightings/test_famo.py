@@ -1,4 +1,9 @@
-"""FAMO: its update equations by hand in float64 over several steps, properties and state."""
+"""FAMO (Liu, Liu, Stone and Liu, *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023,
+Sec. 3 and Algorithm 1): its update equations by hand in float64 over several steps; then its
+properties: permutation invariance and scale-freeness in the losses (w_i is proportional to
+z_i / L_i, and the logits follow log-loss decreases), expected structure, linearity under scaling
+of J, and, the weights being positive, a non-zero direction off strong stationarity; state and
+validation."""
 
 from __future__ import annotations
 
@@ -11,8 +16,20 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import FAMO
 
-from ..strategies import jacobians
-from ._helpers import check_scale_free_and_permutation_equivariant, check_state_dict_roundtrip
+from .._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_loss_scale_free,
+    assert_nonzero_direction,
+    assert_permutation_invariant,
+    assert_state_dict_roundtrip,
+    scale_of,
+)
+from ..strategies import (
+    controlled_matrices,
+    jacobians,
+    non_strongly_stationary_matrices,
+)
 from ._reference import make
 
 
@@ -77,11 +94,17 @@ def test_stalled_task_gains_weight() -> None:
 def test_finite_scale_free_and_permutation_equivariant(J: torch.Tensor, log_loss: float,
                                                        rnd) -> None:
     """w_i ∝ z_i / L_i and delta = log-ratios: scaling every loss by c changes no weight."""
-    check_scale_free_and_permutation_equivariant(lambda: FAMO(eps=0.0), J, log_loss, rnd)
+    T = J.shape[0]
+    perm = list(range(T))
+    rnd.shuffle(perm)
+    steps = [(J, torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-k) + 0.1 * k) for k in range(4)]
+    assert_permutation_invariant(lambda: FAMO(eps=0.0), steps, perm, rtol=1e-12,
+                                 atol=1e-12 * float(J.abs().max()))
+    assert_loss_scale_free(lambda: FAMO(eps=0.0), steps, 10.0**log_loss, rtol=1e-9, atol=1e-8)
 
 
 def test_state_dict_roundtrip_gives_identical_next_output() -> None:
-    a, b = check_state_dict_roundtrip(FAMO, seed=0, steps=6, split=3)
+    a, b = assert_state_dict_roundtrip(FAMO, seed=0, steps=6, split=3)
     assert torch.equal(a.logits, b.logits)
 
 
@@ -102,3 +125,38 @@ def test_validation_and_registry() -> None:
     assert isinstance(get("famo", beta=0.01), FAMO)
     with pytest.raises(ValueError, match="tension"):
         get("famo+tension")
+
+
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(max_tasks=6, min_log_scale=-6, max_log_scale=6), K=controlled_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    """Over three calls with changing losses, on hard matrices and at any rank and scale."""
+    for M in (J, K):
+        agg = FAMO()
+        for step in range(3):
+            L = torch.linspace(1.0, 3.0, M.shape[0], dtype=M.dtype) ** (-step) + 0.1 * step
+            assert_expected_structure(agg, M, L, weights_atol=1e-12 * float(M.norm(dim=1).sum()))
+
+
+@settings(max_examples=20, deadline=None)
+@given(J=controlled_matrices(max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float]) -> None:
+    """The weights read the losses only: with the same losses, A(diag(c) J) = sum_t w_t c_t g_t
+    at every step, linear in c."""
+    T = J.shape[0]
+    steps = [(J, torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-k) + 0.1 * k) for k in range(4)]
+    c1_, c2_ = torch.tensor(c1[:T], dtype=J.dtype), torch.tensor(c2[:T], dtype=J.dtype)
+    assert_linear_under_scaling(lambda: FAMO(), steps, c1_, c2_,
+                                atol=1e-12 * 20 * T * scale_of(J))
+
+
+@settings(max_examples=25, deadline=None)
+@given(non_strongly_stationary_matrices())
+def test_nonzero_off_strong_stationarity(J: torch.Tensor) -> None:
+    """Positive weights: d = w^T J = 0 only when J is strongly stationary."""
+    agg = FAMO()
+    for step in range(3):
+        L = torch.linspace(1.0, 3.0, J.shape[0], dtype=J.dtype) ** (-step) + 0.1 * step
+        assert_nonzero_direction(agg, J, L)

@@ -1,4 +1,8 @@
-"""GradNorm: its update equations by hand in float64 over several steps, properties and state."""
+"""GradNorm (Chen et al., *GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
+Multitask Networks*, ICML 2018, Sec. 3 and Algorithm 1): its update equations by hand in float64
+over several steps and the balance it reaches; then its properties: expected structure, finite
+weights on zero rows and permutation invariance over steps; the Gramian path, the restart, state
+and validation."""
 
 from __future__ import annotations
 
@@ -11,8 +15,15 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import GradNorm
 
-from ..strategies import jacobians
-from ._helpers import check_state_dict_roundtrip
+from .._properties import (
+    assert_expected_structure,
+    assert_permutation_invariant,
+    assert_state_dict_roundtrip,
+)
+from ..strategies import (
+    controlled_matrices,
+    jacobians,
+)
 from ._reference import make
 
 
@@ -77,13 +88,23 @@ def test_finite_zero_rows_and_permutation_equivariant(J: torch.Tensor, rnd) -> N
     T = J.shape[0]
     perm = list(range(T))
     rnd.shuffle(perm)
-    a, b = GradNorm(), GradNorm()
-    for step in range(3):
-        L = torch.linspace(1.0, 2.0, T, dtype=J.dtype) / (1 + step)
-        da, db = a(J, L), b(J[perm], L[perm])
-        assert bool(torch.isfinite(da).all()) and bool(torch.isfinite(a.task_weights).all())
-        assert torch.allclose(da, db, rtol=1e-9, atol=1e-9 * float(J.abs().max()))
-        assert torch.allclose(a.task_weights[perm], b.task_weights, rtol=1e-9, atol=1e-12)
+    steps = [(J, torch.linspace(1.0, 2.0, T, dtype=J.dtype) / (1 + step)) for step in range(3)]
+    assert_permutation_invariant(GradNorm, steps, perm, rtol=1e-9,
+                                 atol=1e-9 * float(J.abs().max()),
+                                 weights=lambda agg: agg.task_weights, weights_rtol=1e-9,
+                                 weights_atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(max_tasks=6, min_log_scale=-6, max_log_scale=6), K=controlled_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    """Over three calls with changing losses, on hard matrices and at any rank and scale."""
+    for M in (J, K):
+        agg = GradNorm()
+        for step in range(3):
+            L = torch.linspace(1.0, 3.0, M.shape[0], dtype=M.dtype) ** (-step) + 0.1 * step
+            assert_expected_structure(agg, M, L, weights_atol=1e-12 * float(M.norm(dim=1).sum()))
+            assert bool(torch.isfinite(agg.task_weights).all())
 
 
 def test_gramian_path_equals_row_norm_path() -> None:
@@ -110,7 +131,7 @@ def test_all_weights_at_zero_restart_at_one() -> None:
 
 
 def test_state_dict_roundtrip_gives_identical_next_output() -> None:
-    check_state_dict_roundtrip(GradNorm, seed=0, steps=6, split=3)
+    assert_state_dict_roundtrip(GradNorm, seed=0, steps=6, split=3)
 
 
 def test_validation_and_registry() -> None:

@@ -1,4 +1,8 @@
-"""Uncertainty weighting: its update equations by hand in float64, properties and state."""
+"""Uncertainty weighting (Kendall, Gal and Cipolla, *Multi-Task Learning Using Uncertainty to
+Weigh Losses for Scene Geometry and Semantics*, CVPR 2018, eq. 7 and 10): its update equations by
+hand in float64 and its fixed point; then its properties: permutation invariance, expected
+structure, linearity under scaling of J, and, the weights exp(-s) being positive, a non-zero
+direction off strong stationarity; state and validation."""
 
 from __future__ import annotations
 
@@ -11,7 +15,18 @@ from hypothesis import strategies as st
 from torch_mtlgrad.aggregators import get
 from torch_mtlgrad.weightings import UncertaintyWeighting
 
-from ..strategies import jacobians
+from .._properties import (
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_nonzero_direction,
+    assert_permutation_invariant,
+    scale_of,
+)
+from ..strategies import (
+    controlled_matrices,
+    jacobians,
+    non_strongly_stationary_matrices,
+)
 from ._reference import make
 
 
@@ -55,12 +70,10 @@ def test_finite_and_permutation_equivariant(J: torch.Tensor, log_loss: float, rn
     L = 10.0 ** (log_loss + torch.arange(T, dtype=J.dtype) / T)
     perm = list(range(T))
     rnd.shuffle(perm)
-    a, b = UncertaintyWeighting(lr=0.05), UncertaintyWeighting(lr=0.05)
-    for _ in range(3):
-        da, db = a(J, L), b(J[perm], L[perm])
-        assert bool(torch.isfinite(da).all())
-        assert torch.allclose(da, db, rtol=1e-12, atol=1e-12 * float(J.abs().max()))
-        assert torch.allclose(a.weights[perm], b.weights)
+    assert_permutation_invariant(lambda: UncertaintyWeighting(lr=0.05), [(J, L)] * 3, perm,
+                                 rtol=1e-12, atol=1e-12 * float(J.abs().max()),
+                                 weights=lambda agg: agg.weights, weights_rtol=1e-5,
+                                 weights_atol=1e-8)
 
 
 def test_state_dict_roundtrip_gives_identical_next_output() -> None:
@@ -93,3 +106,38 @@ def test_validation_and_registry() -> None:
         get("uw+tension")
     d = get("uw")(torch.ones(2, 3), torch.ones(2))
     assert d.dtype == torch.float32
+
+
+@settings(max_examples=25, deadline=None)
+@given(J=jacobians(max_tasks=6, min_log_scale=-6, max_log_scale=6), K=controlled_matrices())
+def test_expected_structure(J: torch.Tensor, K: torch.Tensor) -> None:
+    """Over three calls with changing losses, on hard matrices and at any rank and scale."""
+    for M in (J, K):
+        agg = UncertaintyWeighting(lr=0.05)
+        for step in range(3):
+            L = torch.linspace(1.0, 3.0, M.shape[0], dtype=M.dtype) ** (-step) + 0.1 * step
+            assert_expected_structure(agg, M, L, weights_atol=1e-12 * float(M.norm(dim=1).sum()))
+
+
+@settings(max_examples=20, deadline=None)
+@given(J=controlled_matrices(max_tasks=6, max_dim=8, min_log_scale=-3, max_log_scale=3),
+       c1=st.lists(st.floats(0.1, 10), min_size=6, max_size=6),
+       c2=st.lists(st.floats(0.1, 10), min_size=6, max_size=6))
+def test_linear_under_scaling(J: torch.Tensor, c1: list[float], c2: list[float]) -> None:
+    """The weights read the losses only: with the same losses, A(diag(c) J) = sum_t w_t c_t g_t
+    at every step, linear in c."""
+    T = J.shape[0]
+    steps = [(J, torch.linspace(1.0, 3.0, T, dtype=J.dtype) ** (-k) + 0.1 * k) for k in range(4)]
+    c1_, c2_ = torch.tensor(c1[:T], dtype=J.dtype), torch.tensor(c2[:T], dtype=J.dtype)
+    assert_linear_under_scaling(lambda: UncertaintyWeighting(lr=0.05), steps, c1_, c2_,
+                                atol=1e-12 * 20 * T * scale_of(J))
+
+
+@settings(max_examples=25, deadline=None)
+@given(non_strongly_stationary_matrices())
+def test_nonzero_off_strong_stationarity(J: torch.Tensor) -> None:
+    """Positive weights: d = w^T J = 0 only when J is strongly stationary."""
+    agg = UncertaintyWeighting(lr=0.05)
+    for step in range(3):
+        L = torch.linspace(1.0, 3.0, J.shape[0], dtype=J.dtype) ** (-step) + 0.1 * step
+        assert_nonzero_direction(agg, J, L)
