@@ -12,7 +12,6 @@ what the write-back stage writes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,7 +62,7 @@ class Combiner:
         diagnostics: whether to compute the step's diagnostics.
     """
 
-    def __init__(self, aggregator: Aggregator, plugins: Sequence[Any], policy: NonFinitePolicy,
+    def __init__(self, aggregator: Aggregator, plugins: list[Any], policy: NonFinitePolicy,
                  zero_rows: ZeroRowWarning, buffers: CaptureBuffers, scaler: Any = None,
                  diagnostics: bool = True) -> None:
         self.aggregator, self.plugins, self.policy = aggregator, plugins, policy

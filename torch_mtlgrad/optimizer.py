@@ -175,7 +175,6 @@ class MultiTaskOptimizer(WrappedOptimizer):
                 raise ValueError("capture='representation' cannot run plugins on J (there is no J)")
         super().__init__(optimizer)
         self._layout = layout
-        self.plugins: list[Any] = []  # in the order they run; add with add_plugin()
         self.num_tasks = num_tasks
         self.diagnostics: dict[str, Tensor] = {}
         self.last_capture: str | None = None  # the capture mode the last step ran
@@ -185,7 +184,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._capturer = Capturer(layout, selector, buffers)
         self._hooks = TaskHooks(layout, buffers)
         self._zero_rows = ZeroRowWarning()
-        self._combine = Combiner(agg, self.plugins, policy, self._zero_rows, buffers, scaler,
+        self._combine = Combiner(agg, [], policy, self._zero_rows, buffers, scaler,
                                  diagnostics)
         self._grads = SharedGrads(layout)
         self._skip = False  # the non-finite policy skipped this step: step() does nothing
@@ -202,6 +201,11 @@ class MultiTaskOptimizer(WrappedOptimizer):
     def aggregator(self) -> Aggregator:
         """The method that combines the task gradients."""
         return self._combine.aggregator
+
+    @property
+    def plugins(self) -> list[Any]:
+        """The gradient plugins, in the order they run (add with :meth:`add_plugin`)."""
+        return self._combine.plugins
 
     @property
     def scaler(self) -> Any:

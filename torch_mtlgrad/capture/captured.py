@@ -12,7 +12,13 @@ from ..aggregators import work_dtype
 from ._kernels import RowStats
 from .layout import FlatLayout
 
-__all__ = ["CaptureBuffers", "Captured"]
+__all__ = ["CaptureBuffers", "Captured", "zero_rows"]
+
+
+def zero_rows(J: Tensor) -> list[int]:
+    """The tasks whose row of ``J`` is zero (their loss does not reach the shared parameters);
+    one host synchronisation."""
+    return (~(J != 0).any(dim=1)).nonzero().flatten().tolist()
 
 
 @dataclass

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .captured import CaptureBuffers, Captured
+from .captured import CaptureBuffers, Captured, zero_rows
 from .layout import FlatLayout
 
 __all__ = ["TaskHooks"]
@@ -129,6 +129,6 @@ class TaskHooks:
             J[t].copy_(rows[t])
         values = torch.stack([losses[t] for t in range(T)]).to(J.dtype) if losses else None
         self.clear()
-        zero_rows = (~(J != 0).any(dim=1)).nonzero().flatten().tolist() if checked else []
+        zeros = zero_rows(J) if checked else []
         return Captured("task hooks", values, specific, [p.grad for p in specific], stash, J=J,
-                        add_grads=False, zero_rows=zero_rows)
+                        add_grads=False, zero_rows=zeros)

@@ -11,7 +11,7 @@ from torch import Tensor
 from ._kernels import RowStats, triton_available
 from .batched import capture_batched
 from .blocks import batched_shared_grads
-from .captured import CaptureBuffers, Captured
+from .captured import CaptureBuffers, Captured, zero_rows
 from .feature import capture_feature, feature_gradients
 from .layout import FlatLayout
 from .loop import capture_loop
@@ -80,8 +80,8 @@ class Capturer:
         T = len(losses)
         J = self.buffers.jacobian(T)
         stats = self._stats(T, norms, checked)
-        acc, zero_rows = capture_loop(losses, self.layout, specific, J, plan.keep_graph, stats)
-        return Captured("loop", values, specific, acc, prior, J=J, stats=stats, zero_rows=zero_rows)
+        acc, zeros = capture_loop(losses, self.layout, specific, J, plan.keep_graph, stats)
+        return Captured("loop", values, specific, acc, prior, J=J, stats=stats, zero_rows=zeros)
 
     def _batched(self, plan: Plan, losses: Sequence[Tensor], values: Tensor, features: Tensor | None,
                  specific: list[Tensor], prior: list[Tensor | None], norms: bool,
@@ -104,6 +104,6 @@ class Capturer:
         else:
             acc = capture_feature(losses, feats, self.layout, specific, J, plan.keep_graph,
                                   plan.chunk, stats)
-        zero_rows = (~(J != 0).any(dim=1)).nonzero().flatten().tolist() if checked else []
+        zeros = zero_rows(J) if checked else []
         return Captured(plan.mode, values, specific, acc, prior, J=J, stats=stats,
-                        zero_rows=zero_rows, name_tasks=name_tasks)
+                        zero_rows=zeros, name_tasks=name_tasks)
