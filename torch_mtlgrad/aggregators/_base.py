@@ -19,10 +19,43 @@ use it (``agg(J, losses)`` is its ``direction``).  The attributes ``agg.weights`
 ``agg.diagnostics`` are the last call's, the same tensors as the returned :class:`Aggregation`,
 for interactive use.
 
-Two read-only properties tell a caller (the optimizer) which routes a method allows, so that it
-needs no ``isinstance`` check and never reads a wrapper's base: :attr:`Aggregator.from_gramian`
+Read-only properties tell a caller (the optimizer) which routes a method allows, so that it
+needs no ``isinstance`` check and never reads a wrapper's base: :attr:`Aggregator.reads` (what the
+method reads: ``"losses"``, ``"gramian"`` or ``"jacobian"``), :attr:`Aggregator.from_gramian`
 (the weights can come from ``G`` without ``J``) and :attr:`Aggregator.runs_on_features` (the
 method may run on any matrix with the same Gramian as ``J``).
+
+Absent tasks (``present=``).  Multi-task datasets often label only some tasks in a batch.
+:meth:`Aggregator.aggregate`, :meth:`WeightedAggregator.aggregate_gramian` and
+:meth:`WeightedAggregator.aggregate_losses` take ``present``: ``None`` (every task present, the
+plain call) or a 1-D bool tensor or sequence of bools with one entry per task (``T_total``) and at
+least one ``True``.  ``J`` (``G``, the losses) then holds only the present tasks' rows (values),
+in task order.  The rules, the same for every method:
+
+* The method runs on the present rows as if they were all its tasks (e.g. ``mean`` averages over
+  the present tasks, random methods draw for ``T_present`` tasks).
+* ``weights`` have length ``T_total``, exactly 0 at absent tasks, the present tasks' weights in
+  their places.
+* ``diagnostics`` are the method's on the present rows: a per-task diagnostic has length
+  ``T_present`` (``[T_present, T_present]`` for pairwise ones), in task order; the caller holds
+  ``present`` to place them.
+* State: an absent task's per-task state (its histories, tracked rows, learned parameters and
+  their optimiser moments) is left untouched, bit for bit; the present tasks' state is updated
+  as if the method ran on the present rows alone with its state restricted to them; state that
+  is not per task (step counters, the random generator) advances as on a plain step.  A task
+  absent at the first steps gets its initial state when it first appears.  Each stateful
+  method's docstring says what it does with an absent task (some exceptions, e.g. DWA's
+  multi-step epochs, are stated there).
+* An error names the task by its index among all ``T_total`` tasks.
+* A malformed ``present`` (wrong length, not bool, all ``False``, or a row count that does not
+  match) is a ``ValueError`` raised before anything changes.
+* ``present`` all ``True`` is the plain call (bit-identical to ``present=None``).
+
+The mechanism (for implementers): :meth:`Aggregator._task_state` names the attributes holding
+per-task tensors and their task axes; :meth:`Aggregator._restrict` slices them to the present
+tasks before the call and :meth:`Aggregator._scatter` writes the updated slices back after it
+(filling never-seen tasks with the method's initial value), so a method's own code only ever
+sees ``T_present`` tasks.  Methods with state that is not a plain slice override the two hooks.
 
 :func:`work_dtype` is the one rule for the dtype aggregation runs in.
 """
@@ -30,14 +63,19 @@ method may run on any matrix with the same Gramian as ``J``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Aggregation", "Aggregator", "WeightedAggregator", "check_gramian", "check_losses",
-           "check_matrix", "work_dtype"]
+__all__ = ["Aggregation", "Aggregator", "Reads", "WeightedAggregator", "check_gramian",
+           "check_losses", "check_matrix", "check_present", "restrict_tensor", "scatter_tensor",
+           "work_dtype"]
+
+Reads = Literal["losses", "gramian", "jacobian"]
 
 
 def work_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -104,8 +142,113 @@ def check_losses(losses: Any, num_tasks: int, like: Tensor) -> Tensor:
     return losses.to(device=like.device, dtype=like.dtype)
 
 
+def check_present(present: Any, num_rows: int, num_tasks: int | None = None, *,
+                  rows: str = "J", _count_only: bool = False) -> Tensor | None:
+    """Validate ``present`` for a call whose matrix (``rows``) has ``num_rows`` rows.
+
+    Returns ``None`` for ``None`` or all ``True`` (the plain call), else the ``[T_total]`` bool
+    mask on the CPU.  ``num_tasks`` is the number of tasks the method already knows of (its
+    tracked state or per-task settings), or ``None``.  Every problem is a ``ValueError`` that says
+    what to pass instead.
+
+    Example:
+        >>> check_present([True, False, True], 2)
+        tensor([ True, False,  True])
+        >>> check_present([True, True], 2) is None
+        True
+    """
+    if present is None:
+        return None
+    hint = "pass one bool per task (True: the task has a loss this step), e.g. [True, False, True]"
+    if isinstance(present, Tensor):
+        if present.dtype != torch.bool:
+            raise ValueError(f"present must be a bool tensor, got dtype {present.dtype}: {hint}")
+        if present.dim() != 1:
+            raise ValueError(f"present must be 1-D (one entry per task), got shape "
+                             f"{tuple(present.shape)}: {hint}")
+        mask = present.detach().to("cpu")
+    elif isinstance(present, Sequence) and not isinstance(present, (str, bytes)):
+        vals = []
+        for i, v in enumerate(present):
+            is_bool_tensor = isinstance(v, Tensor) and v.dim() == 0 and v.dtype == torch.bool
+            if is_bool_tensor or type(v).__name__ == "bool_":  # a 0-d bool tensor, numpy.bool_
+                v = bool(v)
+            if not isinstance(v, bool):  # the interface's rule: every bad present is a ValueError
+                raise ValueError(f"present[{i}] is {v!r}, not a bool: {hint}")  # noqa: TRY004
+            vals.append(v)
+        mask = torch.tensor(vals, dtype=torch.bool)
+    else:
+        raise ValueError(f"present must be None or a 1-D bool tensor / sequence of bools, got "  # noqa: TRY004
+                         f"{type(present).__name__}: {hint}")
+    if mask.numel() == 0:
+        raise ValueError(f"present is empty: {hint}")
+    if _count_only:
+        return mask
+    if num_tasks is not None and mask.numel() != num_tasks:
+        raise ValueError(
+            f"present has {mask.numel()} entries but this aggregator has {num_tasks} tasks (its "
+            "state or per-task settings): pass one entry per task, absent ones False")
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError("present has no True entry: at least one task must be present (skip "
+                         "the aggregator for a step where no task has a loss)")
+    if n != num_rows:
+        what = "values" if rows == "losses" else "rows"
+        raise ValueError(
+            f"{rows} has {num_rows} {what} but present marks {n} tasks present: {rows} must hold "
+            f"exactly the present tasks' {what}, in task order (drop the absent tasks' {what})")
+    if n == mask.numel():
+        return None
+    return mask
+
+
+def restrict_tensor(x: Tensor, axes: tuple[int, ...], idx: Tensor) -> Tensor:
+    """A copy of ``x`` keeping the entries ``idx`` along each of the task ``axes``.
+
+    Example:
+        >>> restrict_tensor(torch.arange(9.0).reshape(3, 3), (0, 1), torch.tensor([0, 2]))
+        tensor([[0., 2.],
+                [6., 8.]])
+    """
+    idx = idx.to(x.device)
+    for ax in axes:
+        x = x.index_select(ax, idx)
+    return x if axes else x.clone()
+
+
+def scatter_tensor(full: Tensor | None, sub: Tensor, axes: tuple[int, ...], idx: Tensor,
+                   num_tasks: int, fill: float = 0.0) -> Tensor:
+    """``full`` (a new tensor) with ``sub`` written at ``idx`` along each of the task ``axes``;
+    where ``full`` is ``None`` the other entries are ``fill`` (``num_tasks`` along each axis).
+
+    Example:
+        >>> scatter_tensor(None, torch.tensor([1.0, 2.0]), (0,), torch.tensor([0, 2]), 3)
+        tensor([1., 0., 2.])
+    """
+    if full is None:
+        shape = list(sub.shape)
+        for ax in axes:
+            shape[ax] = num_tasks
+        full = torch.full(shape, fill, dtype=sub.dtype, device=sub.device)
+    else:
+        full = full.to(device=sub.device, dtype=sub.dtype)
+    idx = idx.to(sub.device)
+
+    def put(out: Tensor, part: Tensor, rest: tuple[int, ...]) -> Tensor:
+        if not rest:
+            return part
+        inner = put(out.index_select(rest[0], idx), part, rest[1:])
+        return out.index_copy(rest[0], idx, inner)
+
+    return put(full, sub, axes)
+
+
+TaskFill = float | Callable[[], float]
+
+
 class Aggregator(ABC):
-    """Base class: ``agg.aggregate(J, losses=None) -> Aggregation``; ``agg(J, losses) -> d``.
+    """Base class: ``agg.aggregate(J, losses=None, *, present=None) -> Aggregation``;
+    ``agg(J, losses) -> d``.
 
     Subclasses set the class attributes:
 
@@ -117,16 +260,23 @@ class Aggregator(ABC):
     Attributes:
         weights: the last call's task weights (``None`` before the first call, or when the
             direction is not a combination of the rows): the same tensor as that call's
-            :attr:`Aggregation.weights`.
-        diagnostics: the last call's diagnostics, the same dict as :attr:`Aggregation.diagnostics`.
+            :attr:`Aggregation.weights` (``[T_total]``, 0 at absent tasks, after a call with
+            ``present``).
+        diagnostics: the last call's diagnostics, the same dict as :attr:`Aggregation.diagnostics`
+            (per-task entries over the present tasks only, see the module docstring).
 
     Use the returned :class:`Aggregation` rather than these attributes: they are overwritten by
     the next call.
+
+    Absent tasks: see the module docstring for ``present=`` and its rules.
     """
 
     gramian_only: ClassVar[bool] = False
     needs_losses: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    # Global indices of the present tasks during a call with ``present`` (else None).
+    _subset_idx: Tensor | None = None
+    _subset_total: int | None = None  # T_total during such a call
 
     def __init__(self) -> None:
         self.weights: Tensor | None = None
@@ -138,24 +288,55 @@ class Aggregator(ABC):
         assert d is not None
         return d
 
-    def aggregate(self, J: Tensor, losses: Tensor | None = None) -> Aggregation:
+    def aggregate(self, J: Tensor, losses: Tensor | None = None, *,
+                  present: Tensor | Sequence[bool] | None = None) -> Aggregation:
         """Validate ``J`` (``[T, D]``) and the losses (``[T]`` or ``None``), then combine.
+
+        ``present``: ``None`` (every task present), or one bool per task (``T_total``, at least
+        one ``True``); ``J`` and the losses then hold the present tasks' rows only, in task
+        order, and the weights come back with length ``T_total`` (0 at absent tasks).
 
         Example:
             >>> from torch_mtlgrad.aggregators import get
             >>> out = get("mean").aggregate(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
             >>> out.direction, out.weights
             (tensor([0.5000, 0.5000]), tensor([0.5000, 0.5000]))
+            >>> out = get("mean").aggregate(torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+            ...                             present=[True, False, True])
+            >>> out.direction, out.weights
+            (tensor([0.5000, 0.5000]), tensor([0.5000, 0.0000, 0.5000]))
         """
         out_dtype = J.dtype if isinstance(J, Tensor) else None
         Jw = check_matrix(J)
+        mask = check_present(present, Jw.shape[0], self._known_num_tasks())
         lw: Tensor | None = None
         if losses is not None:
             lw = check_losses(losses, Jw.shape[0], Jw)
         elif self.needs_losses:
             raise ValueError(f"{type(self).__name__} needs the loss values: call agg(J, losses)")
-        d = self.forward(Jw, lw)
+        if mask is None:
+            d = self.forward(Jw, lw)
+        else:
+            with self._present_call(mask):
+                d = self.forward(Jw, lw)
         return Aggregation(d.to(out_dtype), self.weights, self.diagnostics)
+
+    @property
+    def reads(self) -> Reads:
+        """What the method reads of the tasks, so that a caller can build only that:
+
+        * ``"losses"``: only the loss values (or nothing): a :class:`WeightedAggregator` that is
+          not ``gramian_only`` (``mean``, ``sum``, ``constant``, ``rlw``, ``dwa``, ``uw``,
+          ``famo``).  :meth:`WeightedAggregator.aggregate_losses` gives its weights without any
+          gradient, so one backward pass of ``sum_t w_t L_t`` is the whole step.
+        * ``"gramian"``: ``G = J J^T`` (and the losses): :attr:`from_gramian` and
+          ``gramian_only`` (``mgda``, ``central``, ``upgrad``, ``gradnorm`` without ``layer=``...).
+        * ``"jacobian"``: ``J`` itself (everything else: ``Tensioned``, ``moco``, ``graddrop``,
+          ``GradNorm(layer=...)``).
+        """
+        if not self.from_gramian:
+            return "jacobian"
+        return "gramian" if self.gramian_only else "losses"
 
     @property
     def from_gramian(self) -> bool:
@@ -182,6 +363,112 @@ class Aggregator(ABC):
     @abstractmethod
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
         """Compute the direction from a validated ``J`` (float32/64) and losses (or ``None``)."""
+
+    # Absent tasks ---------------------------------------------------------------------------
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], TaskFill]]:
+        """The attributes holding per-task state: ``name -> (task axes, fill)``.
+
+        Each attribute is a tensor (or ``None`` before the first call) or a
+        :class:`~torch_mtlgrad.aggregators._learned.LearnedVector`.  ``fill`` is the value a
+        task's entries get before the task is first present (its initial state)."""
+        return {}
+
+    def _task_config(self) -> dict[str, tuple[int, ...]]:
+        """Per-task settings (constructor arguments): ``name -> task axes``.  They are restricted
+        to the present tasks during a call with ``present`` and restored after it."""
+        return {}
+
+    def _known_num_tasks(self) -> int | None:
+        """The number of tasks the state or the per-task settings fix (``None``: any)."""
+        from ._learned import LearnedVector
+
+        for name, (axes, _) in self._task_state().items():
+            v = getattr(self, name)
+            if isinstance(v, LearnedVector):
+                v = v.value
+            if v is not None:
+                return int(v.shape[axes[0]])
+        for name, axes in self._task_config().items():
+            v = getattr(self, name)
+            if isinstance(v, Tensor) and v.dim() > 0:
+                return int(v.shape[axes[0]])
+        return None
+
+    def _task_index(self, t: int) -> int:
+        """The index among all tasks of row ``t`` of this call (for error messages)."""
+        return t if self._subset_idx is None else int(self._subset_idx[t])
+
+    def _restrict(self, idx: Tensor, num_tasks: int) -> dict[str, Any]:
+        """Swap the per-task state and settings for their present tasks' slices; returns what
+        :meth:`_scatter` / :meth:`_unrestrict` need (the full values)."""
+        from ._learned import LearnedVector
+
+        saved: dict[str, Any] = {"state": {}, "config": {},
+                                 "subset": (self._subset_idx, self._subset_total)}
+        for name, (axes, fill) in self._task_state().items():
+            full = getattr(self, name)
+            saved["state"][name] = full
+            if isinstance(full, LearnedVector):
+                setattr(self, name, full.restrict(idx, fill() if callable(fill) else fill))
+            elif full is not None:
+                setattr(self, name, restrict_tensor(full, axes, idx))
+        for name, axes in self._task_config().items():
+            full = getattr(self, name)
+            saved["config"][name] = full
+            if isinstance(full, Tensor):
+                setattr(self, name, restrict_tensor(full, axes, idx))
+        if isinstance(getattr(self, "_warm", None), dict):
+            # Solver warm starts (a speed-only cache): one per set of present tasks.
+            saved["warm"] = self._warm
+            subsets = self.__dict__.setdefault("_warm_subsets", {})
+            self._warm = subsets.setdefault(tuple(idx.tolist()), {})
+        self._subset_idx, self._subset_total = idx, num_tasks
+        return saved
+
+    def _unrestrict(self, saved: dict[str, Any]) -> None:
+        """Put back the full state and settings unchanged (the call failed)."""
+        for name, full in {**saved["state"], **saved["config"]}.items():
+            setattr(self, name, full)
+        if "warm" in saved:
+            self._warm = saved["warm"]
+        self._subset_idx, self._subset_total = saved["subset"]
+
+    def _scatter(self, saved: dict[str, Any], idx: Tensor, num_tasks: int) -> None:
+        """Write the present tasks' updated state back into the full state."""
+        from ._learned import LearnedVector
+
+        for name, (axes, fill) in self._task_state().items():
+            full, sub = saved["state"][name], getattr(self, name)
+            value = fill() if callable(fill) else fill
+            if isinstance(sub, LearnedVector):
+                base = full if isinstance(full, LearnedVector) else sub.empty_like()
+                base.scatter(sub, idx, num_tasks, value)
+                setattr(self, name, base)
+            elif sub is None:
+                setattr(self, name, full)
+            else:
+                setattr(self, name, scatter_tensor(full, sub, axes, idx, num_tasks, value))
+        for name, full in saved["config"].items():
+            setattr(self, name, full)
+        if "warm" in saved:
+            self._warm = saved["warm"]
+        self._subset_idx, self._subset_total = saved["subset"]
+
+    @contextmanager
+    def _present_call(self, mask: Tensor) -> Iterator[None]:
+        """Run the body on the present tasks' state; scatter state and weights after it."""
+        idx = mask.nonzero().flatten()
+        T = mask.numel()
+        saved = self._restrict(idx, T)
+        try:
+            yield
+        except BaseException:
+            self._unrestrict(saved)
+            raise
+        self._scatter(saved, idx, T)
+        if self.weights is not None:
+            w = self.weights
+            self.weights = w.new_zeros(T).index_copy(0, idx.to(w.device), w)
 
     # State -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -211,7 +498,8 @@ class WeightedAggregator(Aggregator):
         self.weights = w
         return w @ J
 
-    def aggregate_gramian(self, G: Tensor, losses: Tensor | None = None) -> Aggregation:
+    def aggregate_gramian(self, G: Tensor, losses: Tensor | None = None, *,
+                          present: Tensor | Sequence[bool] | None = None) -> Aggregation:
         """The weights from the Gramian ``G = J J^T`` (``[T, T]``) alone, for callers that never
         build ``J`` (the direction ``w^T J`` is theirs to form, e.g. block by block with
         :mod:`~torch_mtlgrad.aggregators.blocks`): an :class:`Aggregation` with ``direction=None``.
@@ -220,7 +508,8 @@ class WeightedAggregator(Aggregator):
         counts as one step of a stateful method and records ``weights`` and ``diagnostics`` just
         as :meth:`aggregate` does (the same weights as ``aggregate(J)``, up to how ``G`` was
         rounded).  Only where
-        :attr:`from_gramian` is true (else ``ValueError``).
+        :attr:`from_gramian` is true (else ``ValueError``).  ``present`` as in :meth:`aggregate`
+        (``G`` is then ``[T_present, T_present]``).
 
         Example:
             >>> from torch_mtlgrad.aggregators import get
@@ -233,13 +522,79 @@ class WeightedAggregator(Aggregator):
             raise ValueError(f"{self!r} reads J itself: call aggregate(J, losses)")
         G = check_gramian(G)
         T = G.shape[0]
+        mask = check_present(present, T, self._known_num_tasks(), rows="G")
         if losses is None and self.needs_losses:
             raise ValueError(f"{type(self).__name__} needs the loss values: aggregate_gramian(G, losses)")
         lw = None if losses is None else check_losses(losses, T, G)
-        w = self.weighting(G if self.gramian_only else None, lw, num_tasks=T, dtype=G.dtype,
-                           device=G.device)
-        self.weights = w
-        return Aggregation(None, w, self.diagnostics)
+        if mask is None:
+            self._weights_of(G if self.gramian_only else None, lw, T, G.dtype, G.device)
+        else:
+            with self._present_call(mask):
+                self._weights_of(G if self.gramian_only else None, lw, T, G.dtype, G.device)
+        return Aggregation(None, self.weights, self.diagnostics)
+
+    def aggregate_losses(self, losses: Tensor | Sequence[float] | None = None, *, num_tasks: int,
+                         dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                         present: Tensor | Sequence[bool] | None = None) -> Aggregation:
+        """The weights of a method that reads only the losses (:attr:`reads` is ``"losses"``),
+        without any gradient: the caller then runs one backward pass of ``sum_t w_t L_t``.
+
+        ``num_tasks`` is ``T_total``; ``losses`` (``None`` for a method that reads none) has one
+        value per present task; ``present`` as in :meth:`aggregate`.  The weights are in
+        :func:`work_dtype` of ``dtype`` on ``device`` (default the losses' device, else the
+        CPU).  The call counts as one step of a stateful method, exactly as :meth:`aggregate`.
+        Returns an :class:`Aggregation` with ``direction=None`` and ``[num_tasks]`` weights (0 at
+        absent tasks).  ``ValueError`` for a method whose weights read ``G`` or ``J``.
+
+        Example:
+            >>> from torch_mtlgrad.aggregators import get
+            >>> get("mean").aggregate_losses(num_tasks=3, present=[True, False, True]).weights
+            tensor([0.5000, 0.0000, 0.5000])
+        """
+        if self.reads != "losses":
+            raise ValueError(
+                f"{self!r} reads {'G = J J^T' if self.reads == 'gramian' else 'J'} (reads = "
+                f"{self.reads!r}), not only the losses: call aggregate(J, losses) or "
+                "aggregate_gramian(G, losses)")
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int (all tasks, present or not), got "
+                             f"{num_tasks!r}")
+        if device is None:
+            device = losses.device if isinstance(losses, Tensor) else torch.device("cpu")
+        like = torch.empty(0, dtype=work_dtype(dtype), device=torch.device(device))
+        known = self._known_num_tasks()
+        if known is not None and known != num_tasks:
+            raise ValueError(f"num_tasks={num_tasks} but this aggregator has {known} tasks (its "
+                             "state or per-task settings): pass num_tasks={known}")
+        mask = None
+        if present is not None:
+            full = check_present(present, -1, _count_only=True)
+            assert full is not None
+            if full.numel() != num_tasks:
+                raise ValueError(f"present has {full.numel()} entries but num_tasks={num_tasks}: "
+                                 "pass one bool per task")
+            if losses is None:
+                rows = int(full.sum())
+            elif isinstance(losses, Tensor):
+                rows = losses.shape[0] if losses.dim() == 1 else -1
+            else:
+                rows = len(losses)
+            mask = check_present(full, rows, num_tasks, rows="losses")
+        T = num_tasks if mask is None else int(mask.sum())
+        if losses is None and self.needs_losses:
+            raise ValueError(f"{type(self).__name__} needs the loss values: "
+                             "aggregate_losses(losses, num_tasks=...)")
+        lw = None if losses is None else check_losses(losses, T, like)
+        if mask is None:
+            self._weights_of(None, lw, T, like.dtype, like.device)
+        else:
+            with self._present_call(mask):
+                self._weights_of(None, lw, T, like.dtype, like.device)
+        return Aggregation(None, self.weights, self.diagnostics)
+
+    def _weights_of(self, G: Tensor | None, losses: Tensor | None, T: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+        self.weights = self.weighting(G, losses, num_tasks=T, dtype=dtype, device=device)
 
     @property
     def from_gramian(self) -> bool:
@@ -256,4 +611,4 @@ class WeightedAggregator(Aggregator):
                   dtype: torch.dtype, device: torch.device) -> Tensor:
         """Return the ``[T]`` weights (``T = num_tasks``, in ``dtype`` on ``device``).  ``G`` is
         ``J J^T`` when the class is ``gramian_only``, else ``None``: the weights then read the
-        losses (or nothing)."""
+        losses (or nothing).  During a call with ``present`` it sees the present tasks only."""

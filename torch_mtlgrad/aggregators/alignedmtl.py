@@ -98,6 +98,7 @@ class AlignedMTL(WeightedAggregator):
         rtol: relative eigenvalue cut-off (default ``T * eps`` of ``J``'s dtype).
 
     Computed from ``G = J J^T`` only.  ``diagnostics``: ``eigenvalues`` of ``G`` (descending).
+    Absent tasks: the alignment runs on the present tasks' Gramian, with their ``task_weights``.
 
     Example:
         >>> import torch
@@ -143,6 +144,9 @@ class AlignedMTL(WeightedAggregator):
         B, evals = _alignment(G, self.scale_mode, self.rtol)
         self.diagnostics = {"eigenvalues": evals.to(G.dtype)}
         return B @ pref
+
+    def _task_config(self) -> dict[str, tuple[int, ...]]:
+        return {"task_weights": (0,)}
 
     def __repr__(self) -> str:
         tw = None if self.task_weights is None else self.task_weights.tolist()

@@ -24,6 +24,9 @@ class Constant(WeightedAggregator):
             given: not normalised, and negative values are allowed (a task's gradient is then
             ascended).  At every call ``J`` must have exactly ``len(weights)`` rows.
 
+    Absent tasks: the present tasks keep their own weights (not renormalised); an absent task
+    gets weight 0.
+
     Example:
         >>> import torch
         >>> agg = Constant([0.25, 2.0])
@@ -64,10 +67,15 @@ class Constant(WeightedAggregator):
                 f"Constant has {self.task_weights.numel()} weights but J has {T} rows (tasks); "
                 "give one weight per task"
             )
+        if self._subset_idx is not None:  # the present tasks' weights (restricted for this call)
+            return self.task_weights.to(device=device, dtype=dtype)
         key = (device, dtype)
         if key not in self._cache:  # one host-to-device copy per device and dtype
             self._cache[key] = self.task_weights.to(device=device, dtype=dtype)
         return self._cache[key]
+
+    def _task_config(self) -> dict[str, tuple[int, ...]]:
+        return {"task_weights": (0,)}
 
     def __repr__(self) -> str:
         vals = ", ".join(f"{float(x):g}" for x in self.task_weights)

@@ -19,6 +19,15 @@ Choices the paper leaves open: a zero average loss in the denominator gives ``w_
 losses are an error (the ratio of losses is meant for positive losses).  The weights read only
 the losses, neither ``J`` nor its Gramian.  State (``state_dict``): the last two epoch averages,
 the running sum and count of the current epoch, and the number of completed epochs.
+
+Absent tasks (``present=``): the weights are ``T_present softmax(w / T)`` over the present
+tasks, each ratio from the task's own last two epoch averages (1 until the task has two); an
+absent task's losses are not added to the epoch, and its history stays as it was.  An epoch's
+average is over the calls where the task was present; a task with no loss in an epoch keeps its
+history.  Epochs are counted in calls, present or not: with ``steps_per_epoch > 1`` (or
+:meth:`DWA.end_epoch`) the closing call also closes the epoch for a task absent at that call but
+present earlier in the epoch (its history then moves, the one exception to "absent tasks keep
+their state"); with the default ``steps_per_epoch=1`` an absent task's state never moves.
 """
 
 from __future__ import annotations
@@ -77,6 +86,8 @@ class DWA(WeightedAggregator):
         self.history: Tensor | None = None  # [2, T]: L(t-2), L(t-1) epoch averages
         self.running: Tensor | None = None  # [T] sum of this epoch's losses
         self.count = 0  # calls in this epoch
+        # Losses per task in this epoch ([T]) once tasks were absent; None: ``count`` for all.
+        self.task_count: Tensor | None = None
 
     def current_weights(self, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """``(lambda(t), w(t-1))`` for the current epoch from the completed ones."""
@@ -92,6 +103,8 @@ class DWA(WeightedAggregator):
                   dtype: torch.dtype, device: torch.device) -> Tensor:
         if losses is None:
             raise ValueError("DWA needs the loss values: agg(J, losses)")
+        if self._subset_idx is not None:
+            return self._weighting_present(losses, self._subset_idx, dtype, device)
         T = num_tasks
         tracked = self.running if self.running is not None else self.history
         if tracked is not None and tracked.shape[-1] != T:
@@ -108,6 +121,44 @@ class DWA(WeightedAggregator):
         L = losses.detach()
         self.running = L.clone() if self.running is None else self.running.to(L) + L
         self.count += 1
+        if self.task_count is not None:
+            self.task_count = self.task_count + 1
+        if self.steps_per_epoch is not None and self.count >= self.steps_per_epoch:
+            self.end_epoch()
+        return lam
+
+    def _known_num_tasks(self) -> int | None:
+        tracked = self.running if self.running is not None else self.history
+        return None if tracked is None else int(tracked.shape[-1])
+
+    def _weighting_present(self, losses: Tensor, idx: Tensor, dtype: torch.dtype,
+                           device: torch.device) -> Tensor:
+        """The weights of the present tasks ``idx``; their losses join the epoch."""
+        assert self._subset_total is not None
+        Tt, n = self._subset_total, idx.numel()
+        if self.validate:
+            bad = (losses < 0).nonzero().flatten()
+            if bad.numel():
+                t = int(bad[0])
+                raise ValueError(f"task {self._task_index(t)} has loss {float(losses[t])!r}: "
+                                 "DWA's loss ratios need non-negative losses")
+        like = torch.empty((), dtype=dtype, device=device)
+        if self.completed < 2 or self.history is None:
+            lam = ratio = like.new_ones(n)
+        else:
+            i = idx.to(self.history.device)
+            prev2, prev1 = self.history[0][i].to(like), self.history[1][i].to(like)
+            ratio = torch.where(prev2 > 0, prev1 / prev2.clamp_min(torch.finfo(dtype).tiny),
+                                torch.ones_like(prev1))
+            lam = n * torch.softmax(ratio / self.temperature, dim=0)
+        self.diagnostics = {"loss_ratio": ratio, "epoch": torch.tensor(float(self.completed + 1))}
+        L = losses.detach()
+        running = L.new_zeros(Tt) if self.running is None else self.running.to(L)
+        self.running = running.index_add(0, idx.to(L.device), L)
+        counts = (self.task_count if self.task_count is not None
+                  else torch.full((Tt,), float(self.count), dtype=torch.float64))
+        self.task_count = counts.index_add(0, idx.cpu(), torch.ones(n, dtype=torch.float64))
+        self.count += 1
         if self.steps_per_epoch is not None and self.count >= self.steps_per_epoch:
             self.end_epoch()
         return lam
@@ -116,14 +167,23 @@ class DWA(WeightedAggregator):
         """Close the current epoch: its mean loss becomes ``L(t-1)`` for the next epoch."""
         if self.running is None or self.count == 0:
             raise RuntimeError("DWA.end_epoch(): no losses were given in this epoch")
-        mean = self.running / self.count
-        if self.history is None:
-            self.history = torch.stack([torch.zeros_like(mean), mean])
-        else:
-            self.history = torch.stack([self.history[1].to(mean), mean])
+        if self.task_count is None:
+            mean = self.running / self.count
+            if self.history is None:
+                self.history = torch.stack([torch.zeros_like(mean), mean])
+            else:
+                self.history = torch.stack([self.history[1].to(mean), mean])
+        else:  # tasks were absent: each task's average over its own calls; none: no change
+            has = (self.task_count > 0).to(self.running.device)
+            mean = self.running / self.task_count.to(self.running).clamp_min(1)
+            hist = (torch.zeros(2, mean.shape[0], dtype=mean.dtype, device=mean.device)
+                    if self.history is None else self.history.to(mean))
+            self.history = torch.stack([torch.where(has, hist[1], hist[0]),
+                                        torch.where(has, mean, hist[1])])
         self.completed += 1
         self.running = None
         self.count = 0
+        self.task_count = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -131,10 +191,11 @@ class DWA(WeightedAggregator):
             "history": None if self.history is None else self.history.clone(),
             "running": None if self.running is None else self.running.clone(),
             "count": self.count,
+            **({} if self.task_count is None else {"task_count": self.task_count.clone()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"completed", "history", "running", "count"}
+        unknown = set(state) - {"completed", "history", "running", "count", "task_count"}
         if unknown:
             raise ValueError(f"DWA state has unknown keys {sorted(unknown)}")
         hist, running = state.get("history"), state.get("running")
@@ -147,12 +208,17 @@ class DWA(WeightedAggregator):
         self.count = int(state.get("count", 0))
         self.history = None if hist is None else hist.detach().clone()
         self.running = None if running is None else running.detach().clone()
+        tc = state.get("task_count")
+        if tc is not None and (not isinstance(tc, Tensor) or tc.dim() != 1):
+            raise ValueError("DWA state 'task_count' must be a 1-D tensor or None")
+        self.task_count = None if tc is None else tc.detach().to("cpu", torch.float64).clone()
 
     def reset(self) -> None:
         self.completed = 0
         self.history = None
         self.running = None
         self.count = 0
+        self.task_count = None
 
     def __repr__(self) -> str:
         return f"DWA(temperature={self.temperature}, steps_per_epoch={self.steps_per_epoch})"

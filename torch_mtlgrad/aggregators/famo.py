@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import WeightedAggregator, check_losses
+from ._base import WeightedAggregator, check_losses, check_present
 from ._learned import LearnedVector, OptimizerName
 
 __all__ = ["FAMO"]
@@ -59,6 +59,12 @@ class FAMO(WeightedAggregator):
     Diagnostics of the last call: ``z`` (``softmax(xi)`` used for the weights), ``delta``
     (the log-loss decrease used for the update; NaN when no update ran).
 
+    Absent tasks: an absent task's logit, its optimizer moments and its last loss do not move.
+    A present task's ``delta`` is from its last present loss to this one; the logit update runs
+    over the present tasks that have such a loss (the softmax taken over them), and a task
+    first present later starts at logit 0 with a fresh Adam.  :meth:`update` takes ``present``
+    too.  A loss of 0 is valid with ``eps > 0``; with ``eps=0`` it is an error naming the task.
+
     Example:
         >>> import torch
         >>> agg = FAMO(beta=0.5, gamma=0.0, optimizer="sgd", eps=0.0)
@@ -72,6 +78,7 @@ class FAMO(WeightedAggregator):
 
     needs_losses = True
     stateful = True
+    _partial = False  # some task has no previous loss (never present, or consumed by update())
 
     def __init__(self, beta: float = 0.025, gamma: float = 0.01, optimizer: OptimizerName = "adam",
                  min_losses: Tensor | Sequence[float] | None = None, eps: float = 1e-8,
@@ -105,8 +112,14 @@ class FAMO(WeightedAggregator):
             bad = (~(D >= 0) if self.eps > 0 else ~(D > 0)).nonzero().flatten()
             if bad.numel():
                 t = int(bad[0])
-                raise ValueError(f"task {t} has loss {float(losses[t])!r} below its lower bound "
-                                 f"L* = {float(Ls[t])!r}: FAMO takes log(L - L*)")
+                task = self._task_index(t)
+                if bool(D[t] == 0):
+                    raise ValueError(
+                        f"task {task} has loss {float(losses[t])!r}, equal to its lower bound "
+                        f"L* = {float(Ls[t])!r}: with eps=0 FAMO takes log(L - L*) and divides "
+                        "by it; pass None for a task that is absent this step, or use eps > 0")
+                raise ValueError(f"task {task} has loss {float(losses[t])!r} below its lower "
+                                 f"bound L* = {float(Ls[t])!r}: FAMO takes log(L - L*)")
         return D + self.eps
 
     def _update(self, before: Tensor, after: Tensor) -> Tensor:
@@ -116,17 +129,62 @@ class FAMO(WeightedAggregator):
         self._xi.step(z * (delta - z @ delta))
         return delta
 
-    def update(self, losses_after: Tensor | Sequence[float]) -> None:
+    def _update_partial(self, before: Tensor, after: Tensor) -> Tensor:
+        """:meth:`_update` over the tasks that have a previous loss (the others: NaN delta)."""
+        have = torch.isfinite(before)
+        delta = torch.full_like(after, float("nan"))
+        if not bool(have.any()):
+            return delta
+        if bool(have.all()):
+            return self._update(before, after)
+        P = have.nonzero().flatten().to("cpu")
+        full = self._xi
+        sub = full.restrict(P)
+        self._xi = sub
+        try:
+            d = self._update(before[P.to(before.device)], after[P.to(after.device)])
+        finally:
+            self._xi = full
+        full.scatter(sub, P, before.shape[0])
+        return delta.index_copy(0, P.to(delta.device), d.to(delta))
+
+    def update(self, losses_after: Tensor | Sequence[float], *,
+               present: Tensor | Sequence[bool] | None = None) -> None:
         """The paper's exact logit update: the losses of the same batch after the optimizer step.
 
         Call it after ``optimizer.step()``; the next call then does not update the logits again.
+        ``present`` as in the call (``losses_after`` then has the present tasks' values).
         """
         if self.prev_losses is None:
             raise RuntimeError("FAMO.update(): call the aggregator on this step's losses first "
                                "(or update() was already called for this step)")
+        n = len(losses_after) if not isinstance(losses_after, Tensor) else (
+            losses_after.shape[0] if losses_after.dim() == 1 else -1)
+        mask = check_present(present, n, self.prev_losses.shape[0], rows="losses_after")
+        if mask is None:
+            self._update_after(losses_after)
+            return
+        w = self.weights
+        self.weights = None
+        try:
+            with self._present_call(mask):
+                self._update_after(losses_after)
+        finally:
+            self.weights = w
+
+    def _update_after(self, losses_after: Tensor | Sequence[float]) -> None:
+        assert self.prev_losses is not None
         after = check_losses(losses_after, self.prev_losses.shape[0], self.prev_losses)
-        self._update(self.prev_losses, self._shifted(after))
-        self.prev_losses = None
+        if self._subset_idx is None and not self._partial:
+            self._update(self.prev_losses, self._shifted(after))
+            self.prev_losses = None
+            return
+        if not bool(torch.isfinite(self.prev_losses).any()):
+            raise RuntimeError("FAMO.update(): call the aggregator on these tasks' losses first "
+                               "(or update() was already called for them)")
+        self._update_partial(self.prev_losses, self._shifted(after))
+        self.prev_losses = torch.full_like(self.prev_losses, float("nan"))
+        self._partial = True
 
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
                   dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -141,13 +199,30 @@ class FAMO(WeightedAggregator):
                              "rows; call reset() to start over")
         delta = torch.full((T,), float("nan"), dtype=dtype, device=device)
         if self.prev_losses is not None:
-            delta = self._update(self.prev_losses, D)
+            if self._subset_idx is None and not self._partial:
+                delta = self._update(self.prev_losses, D)
+            else:
+                delta = self._update_partial(self.prev_losses.to(D), D)
         z = torch.softmax(self._xi.get(), dim=0)
         q = z / D.to(z)
         w = q / q.sum()
         self.prev_losses = D.detach().clone()
         self.diagnostics = {"z": z, "delta": delta}
         return w.to(dtype)
+
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"_xi": ((0,), 0.0), "prev_losses": ((0,), float("nan"))}
+
+    def _task_config(self) -> dict[str, tuple[int, ...]]:
+        return {"min_losses": (0,)}
+
+    def _scatter(self, saved: dict[str, Any], idx: Tensor, num_tasks: int) -> None:
+        super()._scatter(saved, idx, num_tasks)
+        self._note_partial()
+
+    def _note_partial(self) -> None:
+        prev = self.prev_losses
+        self._partial = prev is not None and not bool(torch.isfinite(prev).all())
 
     def state_dict(self) -> dict[str, Any]:
         return {"logits": self._xi.state_dict(),
@@ -162,10 +237,12 @@ class FAMO(WeightedAggregator):
             raise ValueError("FAMO state 'prev_losses' must be a 1-D tensor or None")
         self._xi.load_state_dict(state.get("logits", {}), "FAMO.logits")
         self.prev_losses = None if prev is None else prev.detach().clone()
+        self._note_partial()
 
     def reset(self) -> None:
         self._xi.clear()
         self.prev_losses = None
+        self._partial = False
 
     def __repr__(self) -> str:
         return (f"FAMO(beta={self.beta}, gamma={self.gamma}, "

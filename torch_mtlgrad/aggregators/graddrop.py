@@ -81,6 +81,9 @@ class GradDrop(SeededState, Aggregator):
     combination of the rows).  ``diagnostics``: ``positive_fraction`` (share of elements where
     the positive sign was chosen) and ``purity_mean`` (mean of ``P``).
 
+    Absent tasks: the purity and the mask are over the present rows only, with their own
+    ``leak`` values; ``U`` has ``D`` entries, drawn as on any call.
+
     Example:
         >>> import torch
         >>> J = torch.tensor([[1.0, 2.0], [3.0, 4.0]])   # no sign conflict: P = 1 everywhere
@@ -142,6 +145,9 @@ class GradDrop(SeededState, Aggregator):
         self.diagnostics = {"positive_fraction": keep_pos.to(J.dtype).mean(),
                             "purity_mean": P.mean()}
         return d
+
+    def _task_config(self) -> dict[str, tuple[int, ...]]:
+        return {} if self._scalar_leak else {"leak": (0,)}
 
     def __repr__(self) -> str:
         leak = float(self.leak[0]) if self._scalar_leak else self.leak.tolist()

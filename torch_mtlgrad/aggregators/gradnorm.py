@@ -61,6 +61,12 @@ class GradNorm(WeightedAggregator):
     Diagnostics of the last call: ``grad_norms`` (``||g_i||``), ``target``, ``ratio``
     (``r_i``), ``l_grad``, ``restarted``.
 
+    Absent tasks: an absent task's weight, optimizer moments and ``L_i(0)`` do not move; the
+    present tasks' weights take the step among themselves and are renormalised to sum to
+    ``T_present``.  A task first present later starts with weight 1, a fresh Adam, and
+    ``L_i(0)`` = its loss at that step (which must be positive).  Later losses may be 0; when
+    every present task's loss ratio is 0, ``r = 1``.
+
     Example:
         >>> import torch
         >>> agg = GradNorm(alpha=1.5, lr=0.1, optimizer="sgd")
@@ -74,6 +80,7 @@ class GradNorm(WeightedAggregator):
     gramian_only = True
     needs_losses = True
     stateful = True
+    _unseen = False  # some task was never present (its L_i(0) is NaN)
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: OptimizerName = "adam",
                  layer: tuple[int, int] | None = None) -> None:
@@ -132,13 +139,16 @@ class GradNorm(WeightedAggregator):
             raise ValueError("GradNorm needs the loss values: agg(J, losses)")
         T = num_tasks
         if self.initial_losses is None:
-            bad = (~(losses > 0)).nonzero().flatten()
-            if bad.numel():
-                t = int(bad[0])
-                raise ValueError(f"task {t} has initial loss {float(losses[t])!r}: GradNorm "
-                                 "divides by the first losses L_i(0), which must be positive")
+            self._check_initial(losses, torch.ones_like(losses, dtype=torch.bool))
             self.initial_losses = losses.detach().clone()
             self._w.init(torch.ones(T, dtype=dtype, device=device))
+        elif self._subset_idx is not None or self._unseen:
+            # Tasks present for the first time: L_i(0) is their loss now.
+            new = torch.isnan(self.initial_losses)
+            if bool(new.any()):
+                self._check_initial(losses, new)
+                self.initial_losses = torch.where(new, losses.detach().to(self.initial_losses),
+                                                  self.initial_losses)
         w = self._w.get()
         if w.shape[0] != T:
             raise ValueError(f"GradNorm was tracking {w.shape[0]} tasks, got J with {T} rows; "
@@ -147,7 +157,9 @@ class GradNorm(WeightedAggregator):
         L = losses.to(w.dtype)
         L0 = self.initial_losses.to(device=w.device, dtype=w.dtype)
         loss_ratio = L / L0
-        r = loss_ratio / loss_ratio.mean()
+        mean_ratio = loss_ratio.mean()
+        # Every loss at 0: no task trains slower than another, r = 1 (no 0/0, no host sync).
+        r = torch.where(mean_ratio > 0, loss_ratio / mean_ratio, torch.ones_like(loss_ratio))
         gw = w * norms
         target = gw.mean() * r.pow(self.alpha)
         grad = torch.sign(gw - target) * norms
@@ -165,6 +177,28 @@ class GradNorm(WeightedAggregator):
         self.diagnostics["restarted"] = restart.to(new.dtype)
         return used.to(dtype)
 
+    def _check_initial(self, losses: Tensor, which: Tensor) -> None:
+        bad = ((~(losses > 0)) & which).nonzero().flatten()
+        if bad.numel():
+            t = int(bad[0])
+            raise ValueError(
+                f"task {self._task_index(t)} has initial loss {float(losses[t])!r}: GradNorm "
+                "divides by each task's first loss L_i(0), which must be positive; pass None "
+                "for a task that is absent this step (it then takes its L_i(0) when first present)")
+
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"_w": ((0,), 1.0), "initial_losses": ((0,), float("nan"))}
+
+    def _scatter(self, saved: dict[str, Any], idx: Tensor, num_tasks: int) -> None:
+        super()._scatter(saved, idx, num_tasks)
+        self._note_unseen()
+
+    def _note_unseen(self) -> None:
+        """Whether some task has no ``L_i(0)`` yet (never present): checked in the host flag
+        ``_unseen`` so that a plain call needs no synchronisation otherwise."""
+        L0 = self.initial_losses
+        self._unseen = L0 is not None and bool(torch.isnan(L0).any())
+
     def state_dict(self) -> dict[str, Any]:
         return {"weights": self._w.state_dict(),
                 "initial_losses": None if self.initial_losses is None
@@ -179,10 +213,12 @@ class GradNorm(WeightedAggregator):
             raise ValueError("GradNorm state 'initial_losses' must be a 1-D tensor or None")
         self._w.load_state_dict(state.get("weights", {}), "GradNorm.weights")
         self.initial_losses = None if L0 is None else L0.detach().clone()
+        self._note_unseen()
 
     def reset(self) -> None:
         self._w.clear()
         self.initial_losses = None
+        self._unseen = False
 
     def __repr__(self) -> str:
         return (f"GradNorm(alpha={self.alpha}, lr={self._w.lr}, "

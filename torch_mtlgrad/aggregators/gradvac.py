@@ -66,6 +66,10 @@ class GradVac(WeightedAggregator):
     ``diagnostics``: ``cosines`` (``[T, T]``, the ``phi_ij`` of the last call, NaN where
     skipped), ``targets`` (``phi_hat`` after the call), ``corrections`` (count).
 
+    Absent tasks: the call runs on the present tasks' block of ``phi_hat`` (orders drawn for
+    ``T_present`` tasks); every target of a pair with an absent task stays as it was, and a
+    pair first seen together starts at 0.
+
     Example:
         >>> import torch
         >>> agg = GradVac(beta=0.5, seed=0)
@@ -147,6 +151,9 @@ class GradVac(WeightedAggregator):
         self.phi_hat = phi_hat
         self.diagnostics = {"cosines": cosines, "targets": phi_hat.clone(), "corrections": count}
         return C.sum(dim=0)
+
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"phi_hat": ((0, 1), 0.0)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"phi_hat": None if self.phi_hat is None else self.phi_hat.clone(),

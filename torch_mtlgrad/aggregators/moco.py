@@ -60,6 +60,13 @@ class MoCo(Aggregator):
             needs the losses).
         bound: radius ``L`` of the ball each ``y_m`` is projected onto; ``None`` for no projection.
 
+    Absent tasks: an absent task's tracked ``y_m`` and its ``lambda_m`` do not move.  The call
+    runs on the present tasks' ``y`` and on their ``lambda`` renormalised to sum 1 (uniform if
+    it is all 0); the new ``lambda`` of the present tasks is scaled back to the share of the
+    simplex they held, so the full ``lambda`` stays on the simplex.  A task first present later
+    starts from ``y_m = 0`` and its share ``1/T`` of the initial ``lambda``; the step counter
+    ``k`` advances on every call.
+
     Example:
         >>> import torch
         >>> agg = MoCo()
@@ -134,6 +141,42 @@ class MoCo(Aggregator):
         self.diagnostics = {"lambda": lam, "beta_k": torch.tensor(beta_k),
                             "gamma_k": torch.tensor(gamma_k)}
         return lam @ y
+
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"y": ((0,), 0.0)}
+
+    def _known_num_tasks(self) -> int | None:
+        return None if self.lam is None else int(self.lam.shape[0])
+
+    def _restrict(self, idx: Tensor, num_tasks: int) -> dict[str, Any]:
+        saved = super()._restrict(idx, num_tasks)
+        full = self.lam
+        saved["lam"] = full
+        if full is not None:
+            lam = full[idx.to(full.device)]
+            mass = lam.sum()
+            saved["mass"] = mass
+            self.lam = torch.where(mass > 0, lam / mass.clamp_min(torch.finfo(lam.dtype).tiny),
+                                   torch.full_like(lam, 1.0 / idx.numel()))
+        else:
+            saved["mass"] = None
+        return saved
+
+    def _unrestrict(self, saved: dict[str, Any]) -> None:
+        super()._unrestrict(saved)
+        self.lam = saved["lam"]
+
+    def _scatter(self, saved: dict[str, Any], idx: Tensor, num_tasks: int) -> None:
+        super()._scatter(saved, idx, num_tasks)
+        new, full, mass = self.lam, saved["lam"], saved["mass"]
+        if new is None:
+            self.lam = full
+            return
+        if full is None:  # the initial lambda: 1/T for every task
+            full = new.new_full((num_tasks,), 1.0 / num_tasks)
+            mass = new.new_tensor(idx.numel() / num_tasks)
+        full = full.to(new)
+        self.lam = full.index_copy(0, idx.to(new.device), new * mass.to(new))
 
     # State -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

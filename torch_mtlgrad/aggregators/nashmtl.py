@@ -71,6 +71,12 @@ The solve runs in float64 on the CPU (one host synchronisation per solve).
 
 State (``state_dict``): the step counter, the last solution ``a`` (warm start) and the last
 weights ``alpha`` (reused between updates and as the failure fallback).
+
+Absent tasks: the bargaining runs among the present tasks, warm-started from their own last
+``a`` (1 for a task never present); an absent task's ``a`` and ``alpha`` do not move, and the
+step counter advances as on any call.  A call with a task never present before always solves
+(even between ``update_weights_every`` updates), and a failed solve with such a task has no
+previous weights for it to fall back to (:class:`NashMTLSolveError`).
 """
 
 from __future__ import annotations
@@ -192,7 +198,8 @@ class NashMTL(WeightedAggregator):
         G64 = 0.5 * (G64 + G64.T)
         if not bool(torch.isfinite(G64).all()):
             raise ValueError("NashMTL: the Gramian J J^T has non-finite entries")
-        solve_now = self.step % self.update_weights_every == 0 or self.alpha is None
+        unseen = self.alpha is not None and bool(torch.isnan(self.alpha).any())
+        solve_now = self.step % self.update_weights_every == 0 or self.alpha is None or unseen
         self.step += 1
         iters, failed = 0, False
         if solve_now:
@@ -355,8 +362,16 @@ class NashMTL(WeightedAggregator):
             raise NashMTLSolveError(
                 f"Nash-MTL solve failed: {reason}; there are no previous weights to fall back "
                 "to (first solve)")
+        if bool(torch.isnan(prev).any()):
+            tasks = [self._task_index(int(t)) for t in torch.isnan(prev).nonzero().flatten()]
+            raise NashMTLSolveError(
+                f"Nash-MTL solve failed: {reason}; there are no previous weights to fall back "
+                f"to for task(s) {tasks} (first solve with them present)")
         log.warning("Nash-MTL solve failed (%s); reusing the previous weights", reason)
         return prev, iters, True
+
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"alpha": ((0,), float("nan")), "a": ((0,), 1.0)}
 
     # State -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -85,6 +85,9 @@ class PCGrad(SeededState, WeightedAggregator):
     direction never conflicts with either task (``g_t . d >= 0``).
     ``diagnostics["conflicts"]`` counts the projections made in the last call.
 
+    Absent tasks: the projections run among the present rows, with orders drawn for
+    ``T_present`` tasks (the generator advances as on a call with that many tasks).
+
     The orders are drawn as ``torch.randperm(T)`` once per task, in task order (the entry equal
     to the task itself is skipped), so with the same seed they equal TorchJD 0.18's draws from
     the global generator.

@@ -129,6 +129,9 @@ class RLW(SeededState, WeightedAggregator):
     is false only because there is nothing to compute from ``G``).  The generator's state is in
     :meth:`state_dict`, so a resumed run draws the same next weights.
 
+    Absent tasks: the call draws ``T_present`` numbers (the weights of the present tasks, which
+    sum to 1); an absent task gets weight 0 and the generator advances as on any call.
+
     Example:
         >>> import torch
         >>> agg = RLW(seed=0)

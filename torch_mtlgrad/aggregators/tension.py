@@ -35,6 +35,12 @@ Choices the paper leaves open, and the ones made here:
 
 Everything after the base direction is computed in the row space from ``G`` and ``J v``: the
 result is ``d = beta v + omega^T J`` with one final pass over ``J``.
+
+Absent tasks (``present=``): the base method runs on the present rows (with its own rule for
+absent tasks), and the tensioner on them too.  An absent task's window of gradient norms does not
+slide; each task counts its own present steps, and a task with fewer than ``window + 1`` of them
+(e.g. one first present late) pulls with ``c_m = 0`` (as every task does in the first ``window``
+calls) while its constraint ``g_m . d >= 0`` still holds.
 """
 
 from __future__ import annotations
@@ -131,6 +137,9 @@ class Tensioned(Aggregator):
         self.solver_iters = solver_iters
         self.history: Tensor | None = None  # [window + 1, T] gradient norms, oldest first
         self.count = 0  # calls recorded so far
+        # Present steps recorded per task ([T] int64, CPU) once tasks were absent; None: every
+        # task was recorded at each of the ``count`` calls.
+        self.task_count: Tensor | None = None
 
     @property
     def needs_losses(self) -> bool:  # type: ignore[override]
@@ -153,8 +162,9 @@ class Tensioned(Aggregator):
             if bad.numel():
                 t = int(bad[0])
                 raise ValueError(
-                    f"task {t} has loss {float(losses[t])!r}: the tensioner's log10(L) term needs "
-                    "positive losses (pass loss_term=False to drop it)"
+                    f"task {self._task_index(t)} has loss {float(losses[t])!r}: the tensioner's "
+                    "log10(L) term needs positive losses; pass None for a task that is absent "
+                    "this step, or loss_term=False to drop the term"
                 )
 
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
@@ -168,7 +178,15 @@ class Tensioned(Aggregator):
         vv = v @ v
         base_w = self.base.weights
         nan = torch.full_like(norms, float("nan"))
-        if self.alpha == 0.0 or self.count <= self.window:
+        ready: Tensor | None = None  # per task: its window is full (only once tasks were absent)
+        if self.task_count is None:
+            warm_up = self.count <= self.window
+        else:
+            ready = self.task_count > self.window
+            warm_up = not bool(ready.any())
+            if bool(ready.all()):
+                ready = None
+        if self.alpha == 0.0 or warm_up:
             self.weights = base_w
             c = torch.zeros_like(norms)
             self.diagnostics = self._diag(c, nan, norms, Jv, vv, Jv, vv, tensioned=False)
@@ -184,6 +202,10 @@ class Tensioned(Aggregator):
         else:
             delta = ratio
         c = tension_factors(delta, self.alpha)
+        if ready is not None:  # tasks still filling their window pull with c = 0
+            r = ready.to(c.device)
+            c = torch.where(r, c, torch.zeros_like(c))
+            delta = torch.where(r, delta, torch.full_like(delta, float("nan")))
         diag = torch.diagonal(G)
         diff_sq = (diag - 2 * Jv + vv).clamp_min(0)
         eps = torch.finfo(J.dtype).eps
@@ -233,6 +255,8 @@ class Tensioned(Aggregator):
         h[-1] = norms
         self.history = h
         self.count += 1
+        if self.task_count is not None:
+            self.task_count = self.task_count + 1
 
     @staticmethod
     def _diag(c: Tensor, delta: Tensor, norms: Tensor, Jv: Tensor, vv: Tensor, Jd: Tensor,
@@ -245,13 +269,51 @@ class Tensioned(Aggregator):
             "tensioned": torch.tensor(float(tensioned)),
         }
 
+    # Absent tasks ----------------------------------------------------------------------------
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"history": ((1,), 0.0)}
+
+    def _known_num_tasks(self) -> int | None:
+        own = super()._known_num_tasks()
+        return own if own is not None else self.base._known_num_tasks()
+
+    def _restrict(self, idx: Tensor, num_tasks: int) -> dict[str, Any]:
+        saved = super()._restrict(idx, num_tasks)
+        saved["task_count"] = self.task_count
+        saved["base_saved"] = self.base._restrict(idx, num_tasks)
+        full = self.task_count
+        self.task_count = (full if full is not None else
+                           torch.full((num_tasks,), self.count if self.history is not None else 0,
+                                      dtype=torch.int64))[idx.cpu()]
+        return saved
+
+    def _unrestrict(self, saved: dict[str, Any]) -> None:
+        super()._unrestrict(saved)
+        self.task_count = saved["task_count"]
+        self.base._unrestrict(saved["base_saved"])
+
+    def _scatter(self, saved: dict[str, Any], idx: Tensor, num_tasks: int) -> None:
+        sub = self.task_count
+        assert sub is not None
+        super()._scatter(saved, idx, num_tasks)
+        self.base._scatter(saved["base_saved"], idx, num_tasks)
+        full = saved["task_count"]
+        # count was advanced by this call: the absent tasks are one step behind it now.
+        if full is None:  # every task was at the previous call count
+            full = torch.full((num_tasks,), self.count - 1, dtype=torch.int64)
+        full = full.index_copy(0, idx.cpu(), sub)
+        self.task_count = None if bool((full == self.count).all()) else full
+
     # State -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "history": None if self.history is None else self.history.clone(),
             "count": self.count,
             "base": self.base.state_dict(),
         }
+        if self.task_count is not None:
+            out["task_count"] = self.task_count.clone()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         hist = state.get("history")
@@ -266,13 +328,19 @@ class Tensioned(Aggregator):
         count = state.get("count", 0)
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError(f"tensioner count must be a non-negative integer, got {count!r}")
+        tc = state.get("task_count")
+        if tc is not None and (not isinstance(tc, Tensor) or tc.dim() != 1 or hist is None
+                               or tc.shape[0] != hist.shape[1]):
+            raise ValueError("tensioner task_count must be a [T] tensor matching the history")
         self.base.load_state_dict(state.get("base", {}))
         self.history = None if hist is None else hist.clone()
         self.count = count
+        self.task_count = None if tc is None else tc.detach().to("cpu", torch.int64).clone()
 
     def reset(self) -> None:
         self.history = None
         self.count = 0
+        self.task_count = None
         self.base.reset()
 
     @property

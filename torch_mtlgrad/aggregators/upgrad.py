@@ -59,6 +59,11 @@ class ConeWeighting(WeightedAggregator):
         self._warm: dict = {}
         self.pref_vector = pref_vector
 
+    def _task_config(self) -> dict[str, tuple[int, ...]]:
+        """Absent tasks: ``pref_vector`` (when given) is restricted to the present tasks, not
+        renormalised; the default is uniform over the present tasks."""
+        return {"pref_vector": (0,)}
+
     def _pref(self, G: Tensor) -> Tensor:
         return check_pref_vector(self.pref_vector, G.shape[0], G)
 

@@ -51,6 +51,10 @@ class UncertaintyWeighting(WeightedAggregator):
     Diagnostics of the last call: ``log_var`` (the ``s`` used for the weights), ``objective``
     (``sum_t exp(-s_t) L_t + s_t`` at that ``s``).
 
+    Absent tasks: an absent task's ``s_t`` and its optimizer moments do not move; a task first
+    present later starts at ``init_log_var`` with a fresh Adam (its own step count).  A loss of
+    0 is valid (``s_t`` then decreases).
+
     Example:
         >>> import torch
         >>> agg = UncertaintyWeighting(lr=0.1, optimizer="sgd")
@@ -95,6 +99,9 @@ class UncertaintyWeighting(WeightedAggregator):
         self.diagnostics = {"log_var": s.clone(), "objective": (w * L + s).sum()}
         self._s.step(1 - w * L)
         return w.to(dtype)
+
+    def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
+        return {"_s": ((0,), self.init_log_var)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_var": self._s.state_dict()}
