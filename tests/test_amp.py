@@ -50,8 +50,9 @@ def test_half_models_aggregate_in_float32(dtype: torch.dtype, name: str) -> None
     torch.manual_seed(0)
     model = Net().to(dtype)
     aggregator = agg(name)
+    # capture="loop": the Jacobian route (the loss-only route of "mean" is plain half backward)
     opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), shared=model.encoder,
-                             aggregator=aggregator)
+                             aggregator=aggregator, capture="loop")
     for step in range(5):  # past the tensioner's window of 3
         x, ys = data(step)
         outs = model(x.to(dtype))

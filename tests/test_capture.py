@@ -59,8 +59,9 @@ def params(model) -> torch.Tensor:
                                            ("feature", 1), ("auto", 2), ("timed", None),
                                            ("timed", 2)])
 def test_exact_modes_match_the_loop(aggregator: str, capture: str, chunk) -> None:
-    ref_model, ref = build("loop", aggregator)
-    model, opt = build(capture, aggregator, chunk)
+    # diagnostics="full": the Jacobian routes even for "mean" (else the loss-only route)
+    ref_model, ref = build("loop", aggregator, diagnostics="full")
+    model, opt = build(capture, aggregator, chunk, diagnostics="full")
     for i in range(12):
         step(ref_model, ref, i, use_features=False)
         step(model, opt, i, use_features=capture in ("feature", "auto", "timed"))

@@ -373,9 +373,12 @@ def test_hostile_shared_parameters_and_options(kind, i, option) -> None:
         shared = list(params)
         shared[i] = "weight"
         exc, msg = TypeError, rf"shared parameter {i} is a str"
-    elif kind == "frozen":
+    elif kind == "frozen":  # frozen but not held: the frozen parameter is simply not in J
         params[i].requires_grad_(False)
-        shared, exc, msg = model.encoder, ValueError, rf"{enc[i][0]!r} does not require grad"
+        full = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        opt = MultiTaskOptimizer(full, shared=model.encoder)
+        assert enc[i][0] not in opt.layout.names and len(opt.layout.names) == len(enc) - 1
+        return
     elif kind == "other_device":
         shared = list(params)
         shared[i] = nn.Parameter(torch.zeros(2, device="meta"))

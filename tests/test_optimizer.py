@@ -85,9 +85,11 @@ def test_shared_gets_direction_and_specific_gets_sum(agg: str) -> None:
         ref = torch.autograd.grad(l, list(h.parameters()), retain_graph=True)
         for p, r in zip(h.parameters(), ref):
             assert torch.allclose(p.grad, r, atol=1e-6)
-    # The shared .grad are views of one flat buffer.
-    base = shared[0].grad.untyped_storage().data_ptr()
-    assert all(p.grad.untyped_storage().data_ptr() == base for p in shared)
+    # The shared .grad are views of one flat buffer (the loss-only route writes them one by one,
+    # as backward() does).
+    if opt.last_capture != "losses":
+        base = shared[0].grad.untyped_storage().data_ptr()
+        assert all(p.grad.untyped_storage().data_ptr() == base for p in shared)
 
 
 @pytest.mark.parametrize("agg", ["mean", "mgda", "central+tension"])
@@ -102,7 +104,7 @@ def test_legacy_loop_hooks_equal_backward(agg: str, num_tasks) -> None:
     train(m2, o2, 14, "hooks")
     train(m3, o3, 14, "backward")
     assert torch.equal(flat_params(m1), flat_params(m2))
-    assert o2.last_capture == "task hooks" and o3.last_capture in ("loop", "batched")
+    assert o2.last_capture == "task hooks" and o3.last_capture in ("loop", "batched", "losses")
     assert torch.allclose(flat_params(m3), flat_params(m2), rtol=1e-5, atol=1e-6)
 
 
@@ -144,8 +146,8 @@ def test_legacy_loop_errors() -> None:
         losses[0].backward(retain_graph=True)
     with opt.task(2, loss=losses[2]):
         losses[2].backward(retain_graph=True)
-    with pytest.raises(ValueError, match=r"tasks \[1\] had no task\(\) block"):
-        opt.step()
+    opt.step()  # task 1 had no block: it is absent from this step
+    assert opt.diagnostics["present"].tolist() == [True, False, True]
 
 
 def test_gradient_accumulation_without_zero_grad() -> None:

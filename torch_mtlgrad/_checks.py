@@ -22,11 +22,15 @@ __all__ = [
     "all_finite",
     "check_arguments",
     "check_count",
+    "check_frozen",
     "check_loss",
     "check_losses",
+    "check_present",
     "check_shared",
     "find_nonfinite",
     "nonfinite_loss",
+    "resolve_shared",
+    "warn_all_shared",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,21 +42,51 @@ class NonFiniteError(FloatingPointError, ValueError):
     """A NaN/Inf loss or task gradient under ``nonfinite="raise"`` (names the task)."""
 
 
-def resolve_shared(shared: Any) -> tuple[list[Tensor], list[str]]:
-    """``shared=`` as (parameters, names): a module's named parameters, or positions
-    ``shared[i]`` for an iterable of tensors."""
+def resolve_shared(shared: Any) -> tuple[list[Tensor], list[str], list[tuple[Tensor, str]]]:
+    """``shared=`` as (trainable parameters, their names, frozen ``(parameter, name)`` pairs): a
+    module's named parameters, or positions ``shared[i]`` for an iterable of tensors.
+
+    Frozen parameters (``requires_grad=False``, e.g. a pre-trained stem) are not part of ``J``;
+    the others keep their names.  An iterator that yields nothing is reported as probably
+    consumed already (the same ``model.parameters()`` generator passed to the optimizer).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> net[0].weight.requires_grad_(False)
+        ... # doctest: +ELLIPSIS
+        Parameter...
+        >>> params, names, frozen = resolve_shared(net)
+        >>> names, [n for _, n in frozen]
+        (['0.bias', '1.weight', '1.bias'], ['0.weight'])
+    """
     if isinstance(shared, nn.Module):
         named = list(shared.named_parameters())
-        return [p for _, p in named], [n for n, _ in named]
-    if isinstance(shared, Tensor):
-        return [shared], ["shared[0]"]
-    try:
-        params = list(shared)
-    except TypeError:
-        raise TypeError(
-            f"shared must be an nn.Module or an iterable of parameters, got {type(shared).__name__}"
-        ) from None
-    return params, [f"shared[{i}]" for i in range(len(params))]
+    elif isinstance(shared, Tensor):
+        named = [("shared[0]", shared)]
+    else:
+        try:
+            items = list(shared)
+        except TypeError:
+            raise TypeError(
+                f"shared must be an nn.Module or an iterable of parameters, got {type(shared).__name__}"
+            ) from None
+        if not items and iter(shared) is shared:
+            raise ValueError(
+                "shared= is an iterator that yielded no parameters: it was probably consumed "
+                "already (e.g. the same model.parameters() generator passed to the optimizer). "
+                "Pass the shared module itself, or list(...) of its parameters")
+        named = [(f"shared[{i}]", p) for i, p in enumerate(items)]
+    if not named:
+        raise ValueError("no shared parameters: shared= holds none; pass the shared module (e.g. "
+                         "shared=model.encoder) or a non-empty list of its parameters")
+    # Not tensors are left for FlatLayout to name.
+    trainable = [(n, p) for n, p in named if getattr(p, "requires_grad", True)]
+    frozen = [(p, n) for n, p in named if not getattr(p, "requires_grad", True)]
+    if not trainable:
+        raise ValueError(f"every shared parameter is frozen (requires_grad=False: "
+                         f"{', '.join(n for _, n in frozen[:5])}{', ...' if len(frozen) > 5 else ''}): "
+                         "there is nothing to combine; unfreeze some, or use the plain optimizer")
+    return [p for _, p in trainable], [n for n, _ in trainable], frozen
 
 
 def check_arguments(optimizer: Any, num_tasks: Any, scaler: Any) -> None:
@@ -68,13 +102,36 @@ def check_arguments(optimizer: Any, num_tasks: Any, scaler: Any) -> None:
 
 
 def check_shared(layout: FlatLayout, optimizer: Optimizer) -> None:
-    """Every shared parameter is held by the wrapped optimizer and requires grad."""
+    """Every trainable shared parameter is held by the wrapped optimizer."""
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for p, n in zip(layout.params, layout.names):
         if id(p) not in held:
-            raise ValueError(f"shared parameter {n!r} is not held by the wrapped optimizer")
-        if not p.requires_grad:
-            raise ValueError(f"shared parameter {n!r} does not require grad")
+            raise ValueError(f"shared parameter {n!r} is not held by the wrapped optimizer, and it "
+                             "requires grad: build the optimizer over it too (or freeze it with "
+                             "requires_grad_(False) if it is not to be trained)")
+
+
+def check_frozen(frozen: Sequence[tuple[Tensor, str]]) -> None:
+    """A shared parameter that was frozen when the optimizer was built must stay frozen: it is
+    not part of ``J``, so it would get no gradient."""
+    for p, n in frozen:
+        if p.requires_grad:
+            raise RuntimeError(
+                f"shared parameter {n!r} was frozen (requires_grad=False) when the "
+                "MultiTaskOptimizer was built and now requires grad: it is not part of the task "
+                "Jacobian and would get no gradient. Build a new torch.optim optimizer and "
+                "MultiTaskOptimizer after unfreezing (carry state over with state_dict)")
+
+
+def warn_all_shared(num_specific: int) -> None:
+    """Warn when every parameter of the wrapped optimizer is shared (``shared=`` the whole model):
+    a min-norm-like method may then starve whole heads."""
+    if num_specific == 0:
+        warnings.warn(
+            "every parameter of the wrapped optimizer is in shared=, so no parameter is "
+            "task-specific: if the model has task heads, shared= should be only the part all "
+            "tasks use (e.g. shared=model.encoder); the heads then get their own task's gradient "
+            "instead of a share of the combined direction", UserWarning, stacklevel=3)
 
 
 def check_loss(t: int, loss: Any) -> None:
@@ -96,13 +153,36 @@ def check_count(T: int, num_tasks: int | None) -> None:
         raise ValueError(f"expected {num_tasks} task losses (one per task), got {T}")
 
 
-def check_losses(losses: Any, num_tasks: int | None) -> list[Tensor]:
-    """The losses of ``backward(losses)`` as a list of scalar tensors, one per task, on one device.
+def check_present(present: Any, T: int) -> list[bool]:
+    """``backward(losses, present=...)``: one bool per task."""
+    if isinstance(present, Tensor):
+        if present.dtype != torch.bool or present.dim() != 1:
+            raise TypeError(f"present must be a 1-D bool tensor or a sequence of bools, got a "
+                            f"{present.dtype} tensor of shape {tuple(present.shape)}")
+        present = present.tolist()
+    try:
+        flags = list(present)
+    except TypeError:
+        raise TypeError(f"present must be a sequence of bools, got {type(present).__name__}") from None
+    if not all(isinstance(f, bool) for f in flags):
+        raise TypeError(f"present must hold bools (True: the task is in this batch), got {flags!r}")
+    if len(flags) != T:
+        raise ValueError(f"present has {len(flags)} entries for {T} task losses: give one per task")
+    return flags
+
+
+def check_losses(losses: Any, num_tasks: int | None,
+                 present: Any = None) -> tuple[list[Tensor], list[int], int]:
+    """The losses of ``backward(losses)``: the present tasks' losses (scalar tensors on one
+    device), their task indices, and the number of tasks ``T``.
+
+    A task is absent this step when its entry is ``None`` or ``present[t]`` is false (its entry
+    is then not looked at).
 
     Example:
         >>> w = torch.ones(2, requires_grad=True)
-        >>> len(check_losses(w * 2, num_tasks=2))
-        2
+        >>> [len(check_losses(w * 2, num_tasks=2)[0]), check_losses([w.sum(), None], None)[1:]]
+        [2, ([0], 2)]
     """
     if isinstance(losses, Tensor):
         if losses.dim() != 1:
@@ -116,22 +196,27 @@ def check_losses(losses: Any, num_tasks: int | None) -> list[Tensor]:
     losses = list(losses)
     if not losses:
         raise ValueError("losses is empty: pass one scalar loss per task")
-    for t, loss in enumerate(losses):
-        check_loss(t, loss)
-    devices = [loss.device for loss in losses]
+    T = len(losses)
+    check_count(T, num_tasks)
+    flags = [True] * T if present is None else check_present(present, T)
+    tasks = [t for t in range(T) if flags[t] and losses[t] is not None]
+    for t in tasks:
+        check_loss(t, losses[t])
+    devices = [losses[t].device for t in tasks]
     if len(set(devices)) > 1:
-        where = ", ".join(f"task {t}: {d}" for t, d in enumerate(devices))
+        where = ", ".join(f"task {t}: {losses[t].device}" for t in tasks)
         raise ValueError(f"the losses are on several devices ({where}); all must be on one device")
-    check_count(len(losses), num_tasks)
-    return losses
+    return [losses[t] for t in tasks], tasks, T
 
 
-def nonfinite_loss(values: Tensor | None) -> str | None:
-    """The first non-finite loss value, described; ``None`` when all are finite (one host sync)."""
+def nonfinite_loss(values: Tensor | None, tasks: Sequence[int] | None = None) -> str | None:
+    """The first non-finite loss value, described; ``None`` when all are finite (one host sync).
+    ``tasks``: the task index of each value (when some tasks are absent)."""
     if values is None or bool(torch.isfinite(values).all()):
         return None
-    t = int((~torch.isfinite(values)).nonzero()[0])
-    return f"loss of task {t} is not finite ({float(values[t])})"
+    i = int((~torch.isfinite(values)).nonzero()[0])
+    t = i if tasks is None else tasks[i]
+    return f"loss of task {t} is not finite ({float(values[i])})"
 
 
 def all_finite(first: Tensor, values: Tensor | None, grads: Sequence[Tensor | None] | None) -> bool:
@@ -148,7 +233,7 @@ def all_finite(first: Tensor, values: Tensor | None, grads: Sequence[Tensor | No
 
 def find_nonfinite(J: Tensor, values: Tensor | None, grads: Sequence[Tensor | None],
                    params: Sequence[Tensor], layout: FlatLayout, what: str | None = None,
-                   counts: Tensor | None = None) -> str | None:
+                   counts: Tensor | None = None, tasks: Sequence[int] | None = None) -> str | None:
     """The first NaN/Inf among the loss values, the rows of ``J`` and the task-specific
     gradients, described for the error; ``None`` when all are finite.
 
@@ -156,23 +241,24 @@ def find_nonfinite(J: Tensor, values: Tensor | None, grads: Sequence[Tensor | No
     features).  ``counts``: ``[T, P]`` NaN/Inf counts of ``J`` recorded during the capture (no
     pass over ``J`` then).  Without them a pre-check on the row sums (one read of ``J``): a NaN or
     Inf in a row makes its sum non-finite; a finite row whose sum overflows only sends the check
-    to the exact look below.
+    to the exact look below.  ``tasks``: the task index of each row (when some are absent).
     """
     pre = torch.isfinite(J.sum(dim=1)).all() if counts is None else counts.sum() == 0
     if all_finite(pre, values, grads):
         return None
-    bad = nonfinite_loss(values)
+    bad = nonfinite_loss(values, tasks)
     if bad is not None:
         return bad
     finite = torch.isfinite(J).all(dim=1) if counts is None else counts.sum(1) == 0
     if not bool(finite.all()):
-        t = int((~finite).nonzero()[0])
+        r = int((~finite).nonzero()[0])
+        t = r if tasks is None else tasks[r]
         if what:
             return f"task {t} has a non-finite gradient in {what}"
         if counts is not None:
-            name = layout.names[int(counts[t].nonzero()[0])]
+            name = layout.names[int(counts[r].nonzero()[0])]
         else:
-            name = next(layout.names[i] for i, v in enumerate(layout.views(J[t]))
+            name = next(layout.names[i] for i, v in enumerate(layout.views(J[r]))
                         if not bool(torch.isfinite(v).all()))
         return f"task {t} has a non-finite gradient in shared parameter {name!r}"
     i = next((i for i, g in enumerate(grads) if g is not None and not bool(torch.isfinite(g).all())),
@@ -225,4 +311,6 @@ class ZeroRowWarning:
             if t not in self.warned:
                 self.warned.add(t)
                 warnings.warn(f"task {t}'s loss does not depend on the shared parameters: its row of "
-                              "J is zero", RuntimeWarning, stacklevel=4)
+                              "J is zero (if the task is absent from this batch, pass None as its "
+                              "loss instead of 0 * loss: the step then aggregates the tasks present)",
+                              RuntimeWarning, stacklevel=4)

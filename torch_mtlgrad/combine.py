@@ -5,12 +5,18 @@
 
 The Gramian path does the same from per-parameter gradient blocks: ``G`` from the blocks, the
 check on ``G``, the weights from ``G`` (:mod:`torch_mtlgrad.aggregators.blocks`); only a
-non-finite value makes it build ``J``, to name the task.  Nothing is written here: the outcome says
-what the write-back stage writes.
+non-finite value makes it build ``J``, to name the task.  The loss-only route asks the method for
+its weights before the capture (:meth:`Combiner.loss_weights`) and checks the one backward's
+gradients after it.  Nothing is written here: the outcome says what the write-back stage writes.
+
+Tasks absent from a step (``None`` losses) have no row: the method runs on the present rows and
+is told which tasks they are (``present=``); per-task diagnostics are scattered back to all ``T``
+tasks with NaN at the absent ones, and ``diagnostics["present"]`` says which.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,14 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import NonFinitePolicy, ZeroRowWarning, all_finite, find_nonfinite
+from ._checks import NonFinitePolicy, ZeroRowWarning, all_finite, find_nonfinite, nonfinite_loss
 from .aggregators import Aggregator
 from .aggregators.blocks import block_matrices, block_row_norms, gramian_of_blocks
 from .capture import CaptureBuffers, Captured, RowStats, jacobian_from_blocks
 from .diagnostics import gramian_step_diagnostics, step_diagnostics
 from .plugins import call_hook, has_hook, plugin_diagnostics
 
-__all__ = ["Combiner", "Outcome"]
+__all__ = ["Combiner", "Outcome", "scatter_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,41 @@ class Outcome:
     weights: Tensor | None = None
     blocks: list[Tensor | None] | None = None
     diagnostics: dict[str, Tensor] | None = field(default=None)
+    shared: list[Tensor | None] | None = None  # the loss-only route's shared gradients
+
+
+# Per-task diagnostics and how many leading task dimensions each has (for absent tasks).
+_PER_TASK = {"grad_norms": 1, "angle": 1, "cosine": 2, "param_grad_norms": 1}
+
+
+def scatter_tasks(diag: dict[str, Tensor], tasks: list[int] | None, T: int) -> dict[str, Tensor]:
+    """Per-task diagnostics over the present rows, placed at their tasks among all ``T`` (NaN at
+    absent tasks), with ``"present"``; unchanged when every task is present.
+
+    Example:
+        >>> out = scatter_tasks({"grad_norms": torch.tensor([1.0, 2.0])}, [0, 2], 3)
+        >>> out["grad_norms"].tolist(), out["present"].tolist()
+        ([1.0, nan, 2.0], [True, False, True])
+    """
+    if tasks is None:
+        return diag
+    out = dict(diag)
+    idx = torch.tensor(tasks, dtype=torch.long)
+    for key, dims in _PER_TASK.items():
+        v = diag.get(key)
+        if v is None:
+            continue
+        full = v.new_full((T,) * dims + tuple(v.shape[dims:]), float("nan"))
+        i = idx.to(v.device)
+        if dims == 1:
+            full[i] = v
+        else:
+            full[i.unsqueeze(1), i.unsqueeze(0)] = v
+        out[key] = full
+    present = torch.zeros(T, dtype=torch.bool)
+    present[idx] = True
+    out["present"] = present
+    return out
 
 
 class Combiner:
@@ -68,6 +109,7 @@ class Combiner:
         self.aggregator, self.plugins, self.policy = aggregator, plugins, policy
         self.zero_rows, self.buffers, self.scaler = zero_rows, buffers, scaler
         self.diagnostics = diagnostics
+        self._snapshot: dict[str, Any] | None = None  # the method's state before loss_weights
 
     @property
     def sync_plugins(self) -> list[Any]:
@@ -84,10 +126,88 @@ class Combiner:
         return self.scaler.scale(torch.ones((), dtype=like.dtype, device=like.device))
 
     def __call__(self, captured: Captured) -> Outcome:
-        self.zero_rows(captured.zero_rows)
+        self.zero_rows(captured.task_of(captured.zero_rows))
+        if captured.tasks is not None:
+            self._check_absent_plugins(captured)
+        if captured.shared is not None:
+            return self._from_losses(captured)
         if captured.blocks is not None:
             return self._from_blocks(captured)
         return self._from_jacobian(captured)
+
+    def _check_absent_plugins(self, c: Captured) -> None:
+        absent = sorted(set(range(c.num_tasks)) - set(c.tasks or ()))
+        for plugin in self.plugins:
+            if not getattr(plugin, "supports_absent_tasks", False):
+                raise ValueError(
+                    f"tasks {absent} are absent this step, and the plugin "
+                    f"{type(plugin).__name__} does not support absent tasks (it reads every "
+                    "task's row of J): pass every task's loss, or drop the plugin")
+
+    def _aggregate(self, J: Tensor, values: Tensor | None, c: Captured) -> Any:
+        present = c.present()
+        if present is None:
+            return self.aggregator.aggregate(J, values)
+        return self.aggregator.aggregate(J, values, present=present.to(J.device))
+
+    # -- The loss-only route -------------------------------------------------------------------
+    def loss_weights(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Any:
+        """The method's weights from the loss values alone (``[T]``, 0 at absent tasks) for the
+        loss-only route, which takes one backward of ``sum_t w_t L_t``; the method's state is
+        kept so that a step found non-finite after the backward can be undone
+        (:meth:`undo_weights`)."""
+        agg = self.aggregator
+        self._snapshot = copy.deepcopy(agg.state_dict()) if agg.stateful else None
+        present = None
+        if tasks is not None:
+            present = torch.zeros(num_tasks, dtype=torch.bool, device=values.device)
+            present[tasks] = True
+        return agg.aggregate_losses(values, num_tasks=num_tasks, dtype=values.dtype,
+                                    device=values.device, present=present)
+
+    def undo_weights(self) -> None:
+        """Put the method's state back as it was before :meth:`loss_weights`."""
+        if self._snapshot is not None:
+            self.aggregator.load_state_dict(self._snapshot)
+        self._snapshot = None
+
+    def _from_losses(self, c: Captured) -> Outcome:
+        assert c.shared is not None
+        if self.policy.checked or self.scaling:
+            first = torch.ones((), dtype=torch.bool, device=self.buffers.layout.device)
+            bad = None
+            if not all_finite(first, c.values, [*c.shared, *c.grads]):
+                bad = self._name_nonfinite(c)  # None: only a sum of finite values overflowed
+            if bad is not None:
+                self.undo_weights()
+                if self.scaling:
+                    log.info("GradScaler overflow: %s; the shared .grad is NaN, scaler.step() skips",
+                             bad)
+                    return Outcome(overflow=True)
+                return Outcome(skip=self.policy.apply(bad))
+        self._snapshot = None
+        diag = None
+        if self.diagnostics and c.diagnostics is not None:
+            diag = dict(c.diagnostics)
+            if c.tasks is not None:
+                diag["present"] = c.present()
+        return Outcome(shared=c.shared, diagnostics=diag)
+
+    def _name_nonfinite(self, c: Captured) -> str | None:
+        bad = nonfinite_loss(c.values, c.tasks)
+        if bad is not None:
+            return bad
+        layout = self.buffers.layout
+        for g, name in zip(c.shared or (), layout.names):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                return (f"the combined gradient sum_t w_t dL_t of shared parameter {name!r} is not "
+                        "finite (the loss-only route takes one backward, so the task is not known; "
+                        "capture='loop' names it)")
+        for i, g in enumerate(c.grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                return (f"the summed task gradient of task-specific parameter {i} (shape "
+                        f"{tuple(c.params[i].shape)}) is not finite")
+        return None
 
     # -- J ---------------------------------------------------------------------------------------
     def _from_jacobian(self, c: Captured) -> Outcome:
@@ -106,7 +226,8 @@ class Combiner:
         if self.policy.checked or scale is not None:
             what = c.what if c.lift is not None else None
             counts = None if stats is None else stats.nonfinite
-            bad = find_nonfinite(J, values, c.grads, c.params, self.buffers.layout, what, counts)
+            bad = find_nonfinite(J, values, c.grads, c.params, self.buffers.layout, what, counts,
+                                 c.tasks)
             if bad is not None and scale is not None:
                 log.info("GradScaler overflow: %s; the shared .grad is NaN, scaler.step() skips", bad)
                 return Outcome(overflow=True)
@@ -116,7 +237,7 @@ class Combiner:
                     # graph names the task (for the message only; the decision is made).
                     c.name_tasks(J)
                     bad = find_nonfinite(J, values, c.grads, c.params, self.buffers.layout,
-                                         what) or bad
+                                         what, tasks=c.tasks) or bad
                 return Outcome(skip=self.policy.apply(bad))
         agg = self.aggregator
         if agg.needs_losses and values is None:
@@ -125,7 +246,7 @@ class Combiner:
         Jw = J
         for plugin in self.plugins:
             Jw = call_hook(plugin, "transform", Jw, values, default=Jw)
-        result = agg.aggregate(Jw, values)
+        result = self._aggregate(Jw, values, c)
         d = result.direction
         assert d is not None
         d_params = c.lift(d) if c.lift is not None else d
@@ -137,6 +258,7 @@ class Combiner:
             if stats is not None and stats.sq_norms is not None:
                 sq = stats.sq_norms if scale is None else stats.sq_norms / scale.square()
                 diag["param_grad_norms"] = sq.sqrt()
+            diag = scatter_tasks(diag, c.tasks, c.num_tasks)
             diag.update(result.diagnostics)
             diag.update(plugin_diagnostics(self.plugins))
         return Outcome(direction=d_params, diagnostics=diag)
@@ -168,14 +290,23 @@ class Combiner:
                 return self._from_jacobian(replace(c, J=J, blocks=None, stats=None, name_tasks=None,
                                                    zero_rows=[]))
             if self.policy.checked:
-                self.zero_rows((torch.diagonal(G) == 0).nonzero().flatten().tolist())
-        result = self.aggregator.aggregate_gramian(G, lw)
+                self.zero_rows(c.task_of((torch.diagonal(G) == 0).nonzero().flatten().tolist()))
+        present = c.present()
+        if present is None:
+            result = self.aggregator.aggregate_gramian(G, lw)
+        else:
+            result = self.aggregator.aggregate_gramian(G, lw, present=present.to(G.device))
         w = result.weights
         assert w is not None
+        if c.tasks is not None:  # the weights of all T tasks; the blocks have the present rows
+            w = w[torch.tensor(c.tasks, dtype=torch.long, device=w.device)]
         diag = None
         if self.diagnostics:
             diag = gramian_step_diagnostics(G, w)
             norms = block_row_norms(mats, T, wd, G.device)
             diag["param_grad_norms"] = norms / scale if scale is not None else norms
+            diag = scatter_tasks(diag, c.tasks, c.num_tasks)
+            if result.weights is not None:
+                diag["weights"] = result.weights
             diag.update(result.diagnostics)
         return Outcome(weights=w, blocks=mats, diagnostics=diag)

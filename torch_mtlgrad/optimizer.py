@@ -19,6 +19,7 @@ whole picture is in ``docs/architecture.md``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,15 +34,19 @@ from ._checks import (
     NonFinitePolicy,
     ZeroRowWarning,
     check_arguments,
+    check_frozen,
     check_loss,
     check_losses,
     check_shared,
     nonfinite_loss,
     resolve_shared,
+    warn_all_shared,
 )
 from ._facade import WrappedOptimizer
 from .aggregators import Aggregator, resolve
+from .aggregators.mean import Sum
 from .capture import (
+    Accumulation,
     CaptureBuffers,
     Captured,
     Capturer,
@@ -61,17 +66,30 @@ __all__ = ["MultiTaskOptimizer", "NonFiniteError"]
 class MultiTaskOptimizer(WrappedOptimizer):
     """A drop-in wrapper that combines the task gradients of the shared parameters.
 
+    With the defaults the two-line change trains exactly as ``sum(losses).backward()`` did (the
+    same bits: the ``"sum"`` method on the loss-only route is that one backward); picking a method
+    is the one decision left.
+
     Args:
-        optimizer: any ``torch.optim.Optimizer`` holding all the model's parameters.
+        optimizer: any ``torch.optim.Optimizer`` holding all the model's trainable parameters.
         shared: the shared part: an ``nn.Module`` or an iterable of parameters.  Every other
             parameter the wrapped optimizer holds is task-specific and receives the plain sum of
-            the task gradients, exactly as ``sum(losses).backward()`` gives it.
-        aggregator: an :class:`~torch_mtlgrad.aggregators.Aggregator` or a short name
-            (``"mean"``, ``"sum"``, ``"mgda"``, ``"central"``, ``"<name>+tension"``; see
-            :func:`torch_mtlgrad.aggregators.available`).
+            the task gradients, exactly as ``sum(losses).backward()`` gives it.  Frozen shared
+            parameters (``requires_grad=False``, e.g. a pre-trained stem) are not part of ``J``
+            (the others keep their names); one that is trainable must be held by the optimizer.
+            A warning says so when every parameter of the optimizer is shared (``shared=`` the
+            whole model instead of its encoder).
+        aggregator: an :class:`~torch_mtlgrad.aggregators.Aggregator` or a short name (default
+            ``"sum"``; ``"mean"``, ``"mgda"``, ``"central"``, ``"<name>+tension"``; see
+            :func:`torch_mtlgrad.aggregators.available`).  Methods differ in scale: a convex
+            combination (mean, MGDA, ...) steps the shared parameters about ``1/T`` as far as
+            the sum; the README's methods table gives each method's convention.
         num_tasks: T, if known up front (else taken from the first step and then fixed).  When
             known, a legacy loop's direction is computed as soon as its last task's backward ends,
-            so ``clip_grad_norm_`` between the loop and ``step()`` sees it.
+            so ``clip_grad_norm_`` between the loop and ``step()`` sees it; a legacy step whose
+            direction is computed at ``step()`` (``num_tasks`` not given, or a task absent) and
+            whose shared ``.grad`` were changed after the loop (by clipping) is refused with an
+            error that says this.
         plugins: gradient plugins (:class:`~torch_mtlgrad.plugins.GradientPlugin`) run on ``J``
             in order before the aggregator.  A plugin may list extra tensors to differentiate
             through a ``parameters()`` method (they receive their summed gradient too).
@@ -83,7 +101,9 @@ class MultiTaskOptimizer(WrappedOptimizer):
             ``backward(losses, features=z)``: heads per task, then one batched pass through the
             encoder), ``"representation"`` (needs ``features=``; an approximation as MGDA-UB, for
             aggregators that read only the Gramian, without plugins), ``"auto"`` (default: a
-            fixed rule per device, so that two runs with the same seed give the same bits) or
+            fixed rule per device, so that two runs with the same seed give the same bits; a
+            method whose weights read only the losses takes one backward of ``sum_t w_t L_t``
+            and never builds ``J``) or
             ``"timed"`` (off the GPU the first steps time the loop against the batched pass and
             keep the faster, :attr:`capture_choices`, saved in the ``state_dict``; two runs may
             then differ in the last bits).  :attr:`last_capture` names the mode the last step
@@ -110,14 +130,31 @@ class MultiTaskOptimizer(WrappedOptimizer):
             for ``scaler.step`` to unscale.  A NaN/Inf (an overflow) writes NaN into the shared
             ``.grad`` instead of applying ``nonfinite``, so ``scaler.step`` skips the step and
             ``scaler.update`` lowers the scale as without this wrapper; aggregator and plugins are
-            not called that step.  Costs one host synchronisation per step for the check.
-        diagnostics: compute per-step diagnostics (task weights, gradient norms, pairwise cosines,
-            each gradient's angle to the direction, the aggregator's own, e.g. ``c`` and
-            ``delta`` for tensioners, and each plugin's tensor diagnostics as
-            ``"<PluginClass>.<name>"``, e.g. ``"ConflictNoticing.conflict_pstar"``) into
-            :attr:`diagnostics`.  Costs one more ``J J^T``.  With ``opt.backward`` the
-            diagnostics also hold ``param_grad_norms`` (``[T, P]``: the norm of each task's
-            gradient of each shared parameter, as captured, before plugins).
+            not called that step (a loss-only method's state is put back).  Costs one host
+            synchronisation per step for the check.
+        diagnostics: ``True`` (default): per-step diagnostics into :attr:`diagnostics`: task
+            weights, gradient norms, pairwise cosines, each gradient's angle to the direction,
+            the aggregator's own (e.g. ``c`` and ``delta`` for tensioners) and each plugin's
+            tensor diagnostics as ``"<PluginClass>.<name>"``, e.g.
+            ``"ConflictNoticing.conflict_pstar"``; with ``opt.backward`` also
+            ``param_grad_norms`` (``[T, P]``: the norm of each task's gradient of each shared
+            parameter, as captured, before plugins).  Costs one more ``J J^T``.  A method whose
+            weights read only the losses builds no ``J``: its diagnostics are then ``weights``
+            and ``losses`` only; ``"full"`` asks for the gradient ones too (and pays for ``J``).
+            ``False``: none.  With absent tasks, per-task entries have NaN at the absent ones
+            and ``present`` says which.
+
+    Absent tasks: ``opt.backward([loss_0, None, loss_2])`` (or ``present=``) combines the tasks
+    present, in their places; an absent task's specific parameters get no gradient and stateful
+    methods leave its state untouched.  A step where no task is present does nothing (with a
+    warning).  In a legacy loop, a task whose ``task()`` block does not run is absent.
+
+    Gradient accumulation: ``opt.backward(losses, accumulate=True)`` on every micro-batch adds
+    up the task Jacobians (and loss values and task-specific gradients); the next
+    ``opt.backward(losses)`` without ``accumulate``, or ``step()``, combines the sum once: one
+    step on the concatenated micro-batches when each micro-batch's losses are scaled as for plain
+    accumulation (a mean over the micro-batch divided by their number).  Calling
+    ``opt.backward(losses)`` on every micro-batch instead sums each micro-batch's direction.
 
     Example:
         >>> import torch
@@ -140,7 +177,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self,
         optimizer: Optimizer,
         shared: nn.Module | Iterable[Tensor],
-        aggregator: str | Aggregator = "mean",
+        aggregator: str | Aggregator = "sum",
         *,
         num_tasks: int | None = None,
         plugins: Sequence[Any] = (),
@@ -148,14 +185,16 @@ class MultiTaskOptimizer(WrappedOptimizer):
         capture: str = "auto",
         chunk_size: int | str | None = "auto",
         nonfinite: str = "raise",
-        diagnostics: bool = True,
+        diagnostics: bool | str = True,
         scaler: Any = None,
     ) -> None:
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("optimizer is already a MultiTaskOptimizer")
         check_arguments(optimizer, num_tasks, scaler)
         policy = NonFinitePolicy(nonfinite)
-        params, names = resolve_shared(shared)
+        if diagnostics not in (True, False, "full"):
+            raise ValueError(f"diagnostics must be True, False or 'full', got {diagnostics!r}")
+        params, names, frozen = resolve_shared(shared)
         layout = FlatLayout(params, names)  # validates: non-empty, no duplicates, one device
         check_shared(layout, optimizer)
         buffers = CaptureBuffers(layout)
@@ -185,9 +224,15 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._hooks = TaskHooks(layout, buffers)
         self._zero_rows = ZeroRowWarning()
         self._combine = Combiner(agg, [], policy, self._zero_rows, buffers, scaler,
-                                 diagnostics)
+                                 bool(diagnostics))
+        self._full_diagnostics = diagnostics == "full"
         self._grads = SharedGrads(layout)
+        self._frozen = frozen
         self._skip = False  # the non-finite policy skipped this step: step() does nothing
+        self._accumulation: Accumulation | None = None  # micro-batches added, not yet combined
+        self._captured = False  # a task was captured since the last step(): not a plain backward
+        self._warned_plain = False
+        warn_all_shared(len(self.task_specific_parameters()))
         for plugin in plugins:
             self.add_plugin(plugin)
 
@@ -213,12 +258,17 @@ class MultiTaskOptimizer(WrappedOptimizer):
         return self._combine.scaler
 
     @property
-    def compute_diagnostics(self) -> bool:
-        """Whether each step fills :attr:`diagnostics` (``diagnostics=``); may be switched."""
+    def compute_diagnostics(self) -> bool | str:
+        """The ``diagnostics=`` setting (``True``, ``False`` or ``"full"``); may be switched."""
+        if self._full_diagnostics:
+            return "full"
         return self._combine.diagnostics
 
     @compute_diagnostics.setter
-    def compute_diagnostics(self, value: bool) -> None:
+    def compute_diagnostics(self, value: bool | str) -> None:
+        if value not in (True, False, "full"):
+            raise ValueError(f"diagnostics must be True, False or 'full', got {value!r}")
+        self._full_diagnostics = value == "full"
         self._combine.diagnostics = bool(value)
 
     @property
@@ -293,46 +343,113 @@ class MultiTaskOptimizer(WrappedOptimizer):
         return out
 
     # -- A step -------------------------------------------------------------------------------------
-    def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False,
-                 features: Tensor | None = None) -> None:
+    def backward(self, losses: Sequence[Tensor | None] | Tensor, retain_graph: bool = False,
+                 features: Tensor | None = None, *, present: Sequence[bool] | Tensor | None = None,
+                 accumulate: bool = False) -> None:
         """Replace ``sum(losses).backward()``: capture each task's gradient of the shared
         parameters, combine them, and write the direction into their ``.grad``.
 
         Args:
-            losses: one scalar loss per task (a sequence, or a 1-D tensor).
+            losses: one scalar loss per task (a sequence, or a 1-D tensor); ``None`` for a task
+                absent from this batch.
             retain_graph: keep the graph after the step (as ``backward(retain_graph=True)``).
             features: the shared encoder's output ``z`` the heads read; enables the
                 ``"feature"`` and ``"representation"`` capture modes.
+            present: one bool per task, instead of ``None`` entries: ``False`` marks a task absent
+                (its entry is not read).
+            accumulate: add this micro-batch to an accumulated step instead of combining it; the
+                next call without it (or ``step()``) combines the sum once.
 
-        Task-specific parameters (and tensors that plugins list) get the sum of the task
-        gradients, accumulated into ``.grad`` as ``backward()`` does.  Nothing is written when a
-        check fails.
+        Task-specific parameters (and tensors that plugins list) get the sum of the present
+        tasks' gradients, accumulated into ``.grad`` as ``backward()`` does.  Nothing is written
+        when a check fails.
+
+        Example:
+            >>> enc = torch.nn.Linear(3, 4); heads = [torch.nn.Linear(4, 1) for _ in range(3)]
+            >>> params = [*enc.parameters(), *(p for h in heads for p in h.parameters())]
+            >>> opt = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), shared=enc,
+            ...                          aggregator="mgda")
+            >>> z = enc(torch.randn(8, 3))
+            >>> opt.backward([heads[0](z).pow(2).mean(), None, heads[2](z).abs().mean()])
+            >>> opt.diagnostics["weights"][1].item(), heads[1].weight.grad is None
+            (0.0, True)
         """
-        losses = check_losses(losses, self.num_tasks)
+        check_frozen(self._frozen)
+        losses, tasks, T = check_losses(losses, self.num_tasks, present)
         if self._hooks.pending:
             raise RuntimeError("backward() called while a legacy task() capture is pending")
-        T = len(losses)
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+        accumulating = accumulate or self._accumulation is not None
+        if accumulating and self.capture == "representation":
+            raise ValueError("accumulate=True needs J of the shared parameters, which "
+                             "capture='representation' never builds: use another capture mode")
+        self._captured = True
+        if not tasks:
+            if not accumulating:
+                warnings.warn(f"no task is present in this step (all {T} losses are None or "
+                              "marked absent): nothing is written and step() will not step",
+                              RuntimeWarning, stacklevel=2)
+                self._skip = True
+            return
+        sub = None if len(tasks) == T else tasks
         combine = self._combine
+        losses_only = (not accumulating and not self.plugins and not self._full_diagnostics
+                       and self.aggregator.reads == "losses")
         plan = self._selector.plan(
-            features, T, retain_graph=retain_graph, checked=self._policy.checked,
-            gramian=self.aggregator.from_gramian and not self.plugins and self.layout.dtype is not None)
+            features, len(tasks), retain_graph=retain_graph, checked=self._policy.checked,
+            gramian=(self.aggregator.from_gramian and not self.plugins and not accumulating
+                     and self.layout.dtype is not None),
+            losses_only=losses_only)
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
         # Checked before capture (the graph survives an error) unless ranks must first agree on
-        # them (a plugin's synchronize) or GradScaler must see the overflow: then in combine.
-        if self._policy.checked and not combine.scaling and not combine.sync_plugins:
-            bad = nonfinite_loss(values)
+        # them (a plugin's synchronize) or GradScaler must see the overflow: then in combine.  The
+        # loss-only route reads the losses before its backward: always checked first.
+        losses_route = plan.mode == "losses"
+        if (self._policy.checked or (losses_route and combine.scaling)) and (
+                losses_route or not (combine.scaling or combine.sync_plugins)):
+            bad = nonfinite_loss(values, sub)
             if bad is not None:
-                self._skip = self._policy.apply(bad)
+                if combine.scaling:
+                    self._write(Outcome(overflow=True), self._grads_before())
+                else:
+                    self._skip = self._policy.apply(bad)
                 return
-        if combine.scaling:
+        if combine.scaling and not losses_route:  # the loss-only route scales its sums
             losses = [self.scaler.scale(loss) for loss in losses]
-        plan, captured = self._capturer.capture(plan, losses, values.to(self._buffers.dtype), features,
-                                                self.task_specific_parameters(),
-                                                norms=self.compute_diagnostics,
-                                                checked=self._policy.checked)
+        specific = self.task_specific_parameters()
+        work = values.to(self._buffers.dtype)
+        if losses_route:
+            result = combine.loss_weights(work, T, sub)
+            w = result.weights
+            unit = isinstance(self.aggregator, Sum)
+            captured = self._capturer.weighted(plan, losses, work,
+                                               None if unit else [w[t] for t in tasks], specific,
+                                               self.scaler.scale if combine.scaling else None)
+            full = work.new_full((T,), float("nan"))
+            full[torch.tensor(tasks, device=work.device)] = work
+            captured.diagnostics = {"weights": w.detach(), "losses": full, **result.diagnostics}
+        else:
+            plan, captured = self._capturer.capture(plan, losses, work, features, specific,
+                                                    norms=self.compute_diagnostics is not False
+                                                    and not accumulating,
+                                                    checked=self._policy.checked)
+        captured.tasks, captured.total = sub, T
+        if accumulating:
+            acc = self._accumulation or Accumulation(T)
+            acc.add(captured)
+            self._accumulation = acc
+            if accumulate:
+                return
+            self._accumulation = None
+            captured = acc.captured()
         self.last_capture = captured.mode
         if self._finish(captured):
             self._selector.record(plan, captured.seconds)
+
+    def _grads_before(self) -> Captured:
+        """An empty capture holding the shared ``.grad`` as they are (for a write of NaN)."""
+        return Captured("losses", None, [], [], [p.grad for p in self.layout.params])
 
     @contextmanager
     def task(self, t: int, loss: Tensor | None = None) -> Iterator[None]:
@@ -345,17 +462,35 @@ class MultiTaskOptimizer(WrappedOptimizer):
                     loss_t.backward(retain_graph=t < T - 1)
             opt.step()
 
-        Task-specific parameters accumulate their gradients as usual.  The direction is computed
-        when the last task's block ends (if ``num_tasks`` is known) or at ``step()``.
+        Task-specific parameters accumulate their gradients as usual.  A task whose block does
+        not run this step is absent.  The direction is computed when the last task's block ends
+        (if ``num_tasks`` is known and every task ran) or at ``step()``; in the latter case the
+        shared ``.grad`` hold the plain sum until then, and a step whose ``.grad`` were changed
+        in between (``clip_grad_norm_``) is refused with an error.
         """
         if loss is not None:
             check_loss(t, loss)
+        if self._accumulation is not None:
+            raise RuntimeError("task() called while opt.backward(..., accumulate=True) "
+                               "micro-batches are pending: finish them with opt.backward(losses) "
+                               "or opt.step() first")
+        check_frozen(self._frozen)
+        self._captured = True
         with self._hooks.task(t, loss, self.num_tasks):
             yield
         if self.num_tasks is not None and self._hooks.rows == self.num_tasks:
             self._finish_hooks()
 
-    def _finish_hooks(self) -> None:
+    def _finish_hooks(self, at_step: bool = False) -> None:
+        if at_step and self._hooks.touched():
+            self._hooks.restore()
+            raise RuntimeError(
+                "the shared parameters' .grad were changed between the task() blocks and step() "
+                "(e.g. by clip_grad_norm_), but they held the plain sum of the task gradients "
+                "then: the direction is computed only at step() when num_tasks is not known or a "
+                "task is absent. Pass num_tasks=T to MultiTaskOptimizer (then the direction is "
+                "written when the last task's block ends), or use opt.backward(losses). The "
+                "step's gradients of the shared parameters were dropped")
         captured = self._hooks.collect(self.num_tasks, self.task_specific_parameters(),
                                        self._policy.checked)
         self.last_capture = captured.mode
@@ -385,7 +520,9 @@ class MultiTaskOptimizer(WrappedOptimizer):
         else:
             if self.num_tasks is None:
                 self.num_tasks = captured.num_tasks
-            if outcome.direction is not None:
+            if outcome.shared is not None:
+                self._grads.write_params(outcome.shared, captured.prior)
+            elif outcome.direction is not None:
                 self._grads.write(outcome.direction, captured.prior)
             else:
                 assert outcome.weights is not None and outcome.blocks is not None
@@ -396,16 +533,27 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._skip = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the wrapped optimizer's gradients and drop an unfinished legacy capture."""
+        """Zero the wrapped optimizer's gradients and drop an unfinished legacy capture or
+        accumulation."""
         self._hooks.restore()
+        self._accumulation = None
         self._skip = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Finish a pending legacy capture, then step the wrapped optimizer (unless the step was
-        skipped for non-finite values), then the plugins' ``post_step``."""
+        """Finish a pending legacy capture or accumulation, then step the wrapped optimizer
+        (unless the step was skipped for non-finite values or no task was present), then the
+        plugins' ``post_step``."""
         if self._hooks.rows:
-            self._finish_hooks()
+            self._finish_hooks(at_step=True)
+        elif self._accumulation is not None:
+            captured = self._accumulation.captured()
+            self._accumulation = None
+            self.last_capture = captured.mode
+            self._finish(captured)
+        elif not self._captured:
+            self._warn_plain_backward()
+        self._captured = False
         if self._skip:
             self._skip = False
             return None
@@ -413,6 +561,20 @@ class MultiTaskOptimizer(WrappedOptimizer):
         for plugin in self.plugins:
             call_hook(plugin, "post_step")
         return result
+
+    def _warn_plain_backward(self) -> None:
+        """A step with gradients on the shared parameters but no captured task: most likely
+        ``sum(losses).backward()`` left next to this optimizer.  Warns once."""
+        if self._warned_plain:
+            return
+        grads = [p.grad for p in self.layout.params if p.grad is not None]
+        if grads and bool(torch.stack([g.abs().sum() for g in grads]).sum() > 0):
+            self._warned_plain = True
+            warnings.warn(
+                "step() found gradients on the shared parameters but no task was captured since "
+                "the last step: was sum(losses).backward() (or loss.backward()) left in place of "
+                "opt.backward(losses)? This step ran on those gradients as they are, without "
+                "combining the tasks (warned once)", UserWarning, stacklevel=3)
 
     # -- Checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -7,7 +7,9 @@ allows.
 * the routes: :mod:`.loop` (one backward per task), :mod:`.batched` (one batched backward),
   :mod:`.feature` (heads per task, then one batched pass through the encoder), :mod:`.blocks`
   (the Gramian path's per-parameter blocks), :mod:`.representation` (the features' gradients and
-  one backward through the encoder), :mod:`.hooks` (legacy ``task()`` blocks).
+  one backward through the encoder), :mod:`.hooks` (legacy ``task()`` blocks), :mod:`.weighted`
+  (the loss-only route: one backward of ``sum_t w_t L_t``, no ``J``).
+* :mod:`.accumulate`: gradient accumulation over micro-batches (accumulate ``J``, then combine).
 * :mod:`.layout`: :class:`FlatLayout` (where each shared parameter lives in a row of ``J``) and
   :class:`SharedGrads` (the flat ``.grad`` buffer and the write-back).
 * :mod:`._kernels`: the fused row kernel on CUDA beside its pure-PyTorch twin.
@@ -17,6 +19,7 @@ get the sum of their task gradients.  Nothing here synchronises with the device.
 """
 
 from ._kernels import RowStats
+from .accumulate import Accumulation
 from .batched import capture_batched, chunks
 from .blocks import batched_shared_grads, jacobian_from_blocks
 from .captured import CaptureBuffers, Captured
@@ -28,8 +31,9 @@ from .representation import encoder_vjp
 from .run import Capturer
 from .select import CAPTURES, CaptureSelector, Plan, auto_chunk_size, available_memory
 from .tuner import CaptureTuner
+from .weighted import capture_weighted
 
-__all__ = ["CAPTURES", "CaptureBuffers", "CaptureSelector", "CaptureTuner", "Captured", "Capturer",
+__all__ = ["CAPTURES", "Accumulation", "CaptureBuffers", "CaptureSelector", "CaptureTuner", "Captured", "Capturer",
            "FlatLayout", "Plan", "RowStats", "SharedGrads", "TaskHooks", "auto_chunk_size", "available_memory",
-           "batched_shared_grads", "capture_batched", "capture_feature", "capture_loop", "chunks",
+           "batched_shared_grads", "capture_batched", "capture_feature", "capture_loop", "capture_weighted", "chunks",
            "encoder_vjp", "feature_gradients", "jacobian_from_blocks"]

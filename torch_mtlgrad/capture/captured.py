@@ -50,6 +50,13 @@ class Captured:
         name_tasks: refills ``J`` by the per-task loop on the kept graph, used only to name the
             task of a non-finite value after a batched pass (which spreads it over every row).
         seconds: wall time of the capture (for ``capture="timed"``).
+        tasks: the task index of each row (``None``: every task is present, row ``t`` is task
+            ``t``); ``total`` is then the number of tasks ``T``, absent ones included.
+        weights: the loss-only route's task weights (``[T]``, ``0`` at absent tasks): the shared
+            gradients ``shared`` were taken of ``sum_t w_t L_t`` (one backward, no ``J``).
+        shared: the loss-only route's new gradients of the shared parameters (``None`` where no
+            loss reaches one), to be added to ``prior``.
+        diagnostics: the loss-only route's diagnostics (the weights and the losses).
     """
 
     mode: str
@@ -66,13 +73,33 @@ class Captured:
     what: str = ""
     name_tasks: Callable[[Tensor], None] | None = None
     seconds: float = 0.0
+    tasks: list[int] | None = None
+    total: int | None = None
+    weights: Tensor | None = None
+    shared: list[Tensor | None] | None = None
+    diagnostics: dict[str, Tensor] | None = None
 
     @property
     def num_tasks(self) -> int:
+        """``T``: the number of tasks, absent ones included."""
+        if self.total is not None:
+            return self.total
         if self.J is not None:
             return self.J.shape[0]
         assert self.values is not None
         return self.values.shape[0]
+
+    def task_of(self, rows: list[int]) -> list[int]:
+        """The task index of each of these rows."""
+        return rows if self.tasks is None else [self.tasks[r] for r in rows]
+
+    def present(self) -> Tensor | None:
+        """``[T]`` bools, true where the task is present (``None``: all are)."""
+        if self.tasks is None:
+            return None
+        mask = torch.zeros(self.num_tasks, dtype=torch.bool)
+        mask[self.tasks] = True
+        return mask
 
 
 class CaptureBuffers:

@@ -3,6 +3,12 @@
 
 For loops that already call ``loss_t.backward()`` once per task; the result equals
 ``opt.backward(losses)`` (tested).  Task-specific parameters accumulate their ``.grad`` as usual.
+A task whose block does not run this step is absent: the step combines the tasks that ran.
+
+Between the blocks and the combination the shared ``.grad`` hold the plain sum of the task
+gradients (autograd accumulates them as usual).  :meth:`TaskHooks.touched` tells whether anything
+changed them after the last block (``clip_grad_norm_`` scales them in place), so that the optimizer
+can refuse a step whose clipping saw the sum instead of the direction.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class TaskHooks:
         self._losses: dict[int, Tensor] = {}
         self._stash: list[Tensor | None] | None = None
         self.open: int | None = None  # the task whose block is running
+        self._marks: list[tuple[int, int] | None] = []  # the shared .grad as the last block left them
 
     @property
     def pending(self) -> bool:
@@ -67,9 +74,14 @@ class TaskHooks:
         methods that read the losses; checked by the caller)."""
         if self.open is not None:
             raise RuntimeError(f"task({t}) opened inside task({self.open}): blocks do not nest")
-        if not isinstance(t, int) or t < 0 or (num_tasks is not None and t >= num_tasks):
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (num_tasks is not None
+                                                                         and t >= num_tasks):
             bound = f"[0, {num_tasks})" if num_tasks is not None else ">= 0"
-            raise ValueError(f"task index must be an integer in {bound}, got {t!r}")
+            hint = ""
+            if isinstance(t, int) and num_tasks is not None and t >= num_tasks:
+                hint = (f" ({num_tasks} tasks were set or seen at the first step; when some tasks "
+                        "can be absent from a step, pass num_tasks=T to MultiTaskOptimizer)")
+            raise ValueError(f"task index must be an integer in {bound}, got {t!r}{hint}")
         params = self.layout.params
         if self._stash is None:
             # First task of this step: keep what .grad held, so the direction is added to it.
@@ -90,6 +102,13 @@ class TaskHooks:
             self.open = None
         if loss is not None:
             self._losses[t] = loss.detach().reshape(())
+        self._marks = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+    def touched(self) -> bool:
+        """Whether a shared ``.grad`` was replaced or changed in place since the last block ended
+        (each in-place change bumps a tensor's version counter; no synchronisation)."""
+        now = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.layout.params]
+        return bool(self._marks) and now != self._marks
 
     def restore(self) -> None:
         """Put back the shared ``.grad`` held before the first block and forget the capture."""
@@ -99,36 +118,30 @@ class TaskHooks:
         self.clear()
 
     def clear(self) -> None:
-        self._rows, self._losses, self._stash = {}, {}, None
+        self._rows, self._losses, self._stash, self._marks = {}, {}, None, []
 
     def collect(self, num_tasks: int | None, specific: list[Tensor], checked: bool = True) -> Captured:
-        """End the capture: ``J`` from the rows, with the loss values given as ``loss=``
-        (``checked``: find the zero rows, for the warning).
+        """End the capture: ``J`` from the rows of the tasks whose block ran (``T`` is
+        ``num_tasks``, or the highest task index plus one when not known), with the loss values
+        given as ``loss=`` (``checked``: find the zero rows, for the warning).
 
-        A task without a block, a count other than ``num_tasks`` or ``loss=`` given for some
-        tasks only is an error; the ``.grad`` are then restored and the capture forgotten.
+        ``loss=`` given for some of the tasks that ran only is an error; the ``.grad`` are then
+        restored and the capture forgotten.
         """
         rows, stash, losses = self._rows, self._stash, self._losses
         assert stash is not None
-        T = max(rows) + 1
-        try:
-            absent = [t for t in range(T) if t not in rows]
-            if absent:
-                raise ValueError(f"tasks {absent} had no task() block this step (got rows for "
-                                 f"{sorted(rows)})")
-            if num_tasks is not None and T != num_tasks:
-                raise ValueError(f"expected {num_tasks} task losses (one per task), got {T}")
-            if losses and len(losses) != T:
-                raise ValueError(f"loss= was given for tasks {sorted(losses)} only; give it for all "
-                                 "or none")
-        except ValueError:
+        T = num_tasks if num_tasks is not None else max(rows) + 1
+        tasks = sorted(rows)
+        if losses and len(losses) != len(tasks):
             self.restore()
-            raise
-        J = self.buffers.jacobian(T)
-        for t in range(T):
-            J[t].copy_(rows[t])
-        values = torch.stack([losses[t] for t in range(T)]).to(J.dtype) if losses else None
+            raise ValueError(f"loss= was given for tasks {sorted(losses)} only; give it for all "
+                             "or none")
+        J = self.buffers.jacobian(len(tasks))
+        for r, t in enumerate(tasks):
+            J[r].copy_(rows[t])
+        values = torch.stack([losses[t] for t in tasks]).to(J.dtype) if losses else None
         self.clear()
         zeros = zero_rows(J) if checked else []
         return Captured("task hooks", values, specific, [p.grad for p in specific], stash, J=J,
-                        add_grads=False, zero_rows=zeros)
+                        add_grads=False, zero_rows=zeros,
+                        tasks=None if len(tasks) == T else tasks, total=T)

@@ -204,6 +204,17 @@ class SharedGrads:
         weighted_blocks(w, mats, [d[o : o + n] for o, n in zip(layout.offsets, layout.numels)])
         self.write(d, prior)
 
+    def write_params(self, grads: Sequence[Tensor | None], prior: Sequence[Tensor | None]) -> None:
+        """Write per-parameter gradients (the loss-only route's backward), added to ``prior`` as
+        ``backward()`` accumulates (``None``: no loss reached the parameter; it keeps ``prior``)."""
+        for p, g, old in zip(self.layout.params, grads, prior):
+            if g is None:
+                p.grad = old
+            elif old is None:
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            else:
+                p.grad = old.add_(g.to(old.dtype))
+
     def restore(self, prior: Sequence[Tensor | None]) -> None:
         """Put back the ``.grad`` the shared parameters held before the step."""
         for p, g in zip(self.layout.params, prior):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from .layout import FlatLayout
 from .loop import capture_loop
 from .representation import encoder_vjp
 from .select import CaptureSelector, Plan
+from .weighted import capture_weighted
 
 __all__ = ["Capturer"]
 
@@ -69,6 +70,19 @@ class Capturer:
         out.seconds = time.perf_counter() - start
         return plan, out
 
+    def weighted(self, plan: Plan, losses: Sequence[Tensor], values: Tensor,
+                 weights: Sequence[Tensor] | None, specific: list[Tensor],
+                 scale: Callable[[Tensor], Tensor] | None = None) -> Captured:
+        """The loss-only route: one backward of ``sum_t weights[t] * losses[t]`` (``None``: unit
+        weights) for the shared parameters, the plain sum for the task-specific ones; no ``J``
+        (``scale``: GradScaler's, applied to the sums)."""
+        prior = [p.grad for p in self.layout.params]
+        start = time.perf_counter()
+        shared, grads = capture_weighted(losses, weights, self.layout, specific, plan.retain_graph,
+                                         scale)
+        return Captured("losses", values, specific, grads, prior, shared=shared,
+                        seconds=time.perf_counter() - start)
+
     def _stats(self, T: int, norms: bool, checked: bool) -> RowStats | None:
         # Off the Triton kernel NaN/Inf counts would cost extra passes over J: the check stage
         # pre-checks the row sums instead.
@@ -81,6 +95,8 @@ class Capturer:
         J = self.buffers.jacobian(T)
         stats = self._stats(T, norms, checked)
         acc, zeros = capture_loop(losses, self.layout, specific, J, plan.keep_graph, stats)
+        if checked:  # a row of zeros (0 * loss) as well as one no loss reaches
+            zeros = zero_rows(J)
         return Captured("loop", values, specific, acc, prior, J=J, stats=stats, zero_rows=zeros)
 
     def _batched(self, plan: Plan, losses: Sequence[Tensor], values: Tensor, features: Tensor | None,

@@ -1,0 +1,441 @@
+"""The two-line change in real training loops: defaults, absent tasks, gradient accumulation,
+clipping in legacy loops, frozen layers, and the mistakes a new user makes."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from torch_mtlgrad import MultiTaskOptimizer
+from torch_mtlgrad.aggregators import get
+
+from ._helpers import Net, T, data
+
+
+def mse(outs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [nn.functional.mse_loss(o, y) for o, y in zip(outs, ys)]
+
+
+def build(net: Net, aggregator: object = None, optim: str = "sgd", **kw) -> MultiTaskOptimizer:
+    inner = (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) if optim == "sgd"
+             else torch.optim.Adam(net.parameters(), lr=1e-2))
+    if aggregator is None:
+        return MultiTaskOptimizer(inner, shared=net.encoder, **kw)
+    return MultiTaskOptimizer(inner, shared=net.encoder, aggregator=aggregator, **kw)
+
+
+def flat(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+# -- Defaults: the two-line change trains exactly as sum(losses).backward() ------------------------
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_defaults_train_bit_for_bit_as_plain_sum(optim: str) -> None:
+    torch.manual_seed(0)
+    plain_net = Net()
+    ours_net = copy.deepcopy(plain_net)
+    plain = (torch.optim.SGD(plain_net.parameters(), lr=0.05, momentum=0.9) if optim == "sgd"
+             else torch.optim.Adam(plain_net.parameters(), lr=1e-2))
+    ours = build(ours_net, optim=optim)
+    for step in range(8):
+        x, ys = data(step)
+        plain.zero_grad()
+        sum(mse(plain_net(x), ys)).backward()
+        plain.step()
+        ours.zero_grad()
+        ours.backward(mse(ours_net(x), ys))
+        ours.step()
+        for a, b in zip(plain_net.parameters(), ours_net.parameters()):
+            assert torch.equal(a.grad, b.grad)
+            assert torch.equal(a, b)
+    assert ours.last_capture == "losses"
+    assert ours.jacobian is None  # never built
+    assert set(ours.diagnostics) == {"weights", "losses"}
+
+
+def test_defaults_accumulate_into_grad_as_plain_backward() -> None:
+    # Without zero_grad between two backward calls .grad accumulates, as with plain backward.
+    torch.manual_seed(1)
+    a, b = Net(), None
+    b = copy.deepcopy(a)
+    opt = build(b)
+    for step in range(2):
+        x, ys = data(step)
+        sum(mse(a(x), ys)).backward()
+        opt.backward(mse(b(x), ys))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("name", ["mean", "constant", "rlw", "dwa", "uw", "famo"])
+def test_loss_only_route_equals_the_jacobian_route(name: str) -> None:
+    kw = {"weights": [1.0, 0.5, 2.0]} if name == "constant" else {}
+    torch.manual_seed(2)
+    net_a = Net()
+    net_b = copy.deepcopy(net_a)
+    fast = MultiTaskOptimizer(torch.optim.SGD(net_a.parameters(), lr=0.05), shared=net_a.encoder,
+                              aggregator=get(name, **kw))
+    slow = MultiTaskOptimizer(torch.optim.SGD(net_b.parameters(), lr=0.05), shared=net_b.encoder,
+                              aggregator=get(name, **kw), capture="loop")
+    if name == "rlw":
+        slow.aggregator.load_state_dict(fast.aggregator.state_dict())
+    for step in range(6):
+        x, ys = data(step)
+        for opt, net in ((fast, net_a), (slow, net_b)):
+            opt.zero_grad()
+            opt.backward(mse(net(x), ys))
+        assert fast.last_capture == "losses" and slow.last_capture == "loop"
+        for p, q in zip(net_a.parameters(), net_b.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fast.diagnostics["weights"], slow.diagnostics["weights"])
+        fast.step()
+        slow.step()
+
+
+def test_full_diagnostics_build_j_for_a_loss_only_method() -> None:
+    net = Net()
+    opt = build(net, "mean", diagnostics="full")
+    x, ys = data(0)
+    opt.backward(mse(net(x), ys))
+    assert opt.last_capture != "losses"
+    assert {"cosine", "grad_norms", "angle", "weights"} <= set(opt.diagnostics)
+    with pytest.raises(ValueError, match="diagnostics must be"):
+        build(Net(), diagnostics="some")
+
+
+class NaNGrad(torch.autograd.Function):
+    """The identity whose backward is NaN: a non-finite gradient behind a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.full_like(g, float("nan"))
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_loss_only_route_nonfinite_gradient_leaves_everything_untouched(policy: str) -> None:
+    from torch_mtlgrad import NonFiniteError
+
+    net = Net()
+    opt = build(net, "dwa", nonfinite=policy)
+    for step in range(3):  # DWA keeps a loss history
+        x, ys = data(step)
+        opt.zero_grad()
+        opt.backward(mse(net(x), ys))
+        opt.step()
+    state = copy.deepcopy(opt.aggregator.state_dict())
+    params = flat(net)
+    opt.zero_grad()
+    x, ys = data(5)
+    z = net.encoder(x)
+    losses = mse([net.heads[0](z), net.heads[1](NaNGrad.apply(z)), net.heads[2](z)], ys)
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="shared parameter"):
+            opt.backward(losses)
+    else:
+        opt.backward(losses)
+        opt.step()
+        assert opt.skipped_steps == 1
+    assert all(p.grad is None for p in net.parameters())
+    assert str(opt.aggregator.state_dict()) == str(state)
+    assert torch.equal(flat(net), params)
+
+
+# -- Absent tasks ----------------------------------------------------------------------------------
+
+def test_absent_task_gets_no_gradient_and_the_rest_combine_in_place() -> None:
+    torch.manual_seed(3)
+    net = Net()
+    opt = build(net, "mgda", capture="loop")
+    x, ys = data(0)
+    outs = net(x)
+    losses = mse(outs, ys)
+    opt.backward([losses[0], None, losses[2]], retain_graph=True)
+    w = opt.diagnostics["weights"]
+    assert w.shape == (T,) and w[1] == 0
+    assert torch.isnan(opt.diagnostics["grad_norms"][1])
+    assert opt.diagnostics["present"].tolist() == [True, False, True]
+    assert all(p.grad is None for p in net.heads[1].parameters())
+    # The reference: MGDA on the present rows only.
+    J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        losses[t], list(net.encoder.parameters()), retain_graph=True)]) for t in (0, 2)])
+    d = get("mgda")(J)
+    got = torch.cat([p.grad.flatten() for p in net.encoder.parameters()])
+    torch.testing.assert_close(got, d, rtol=1e-5, atol=1e-7)
+
+
+def test_present_mask_equals_none_entries() -> None:
+    torch.manual_seed(4)
+    a = Net()
+    b = copy.deepcopy(a)
+    oa, ob = build(a, "upgrad"), build(b, "upgrad")
+    x, ys = data(1)
+    la, lb = mse(a(x), ys), mse(b(x), ys)
+    oa.backward([la[0], None, la[2]])
+    ob.backward(lb, present=[True, False, True])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)
+    with pytest.raises(ValueError, match="present has 2 entries"):
+        ob.backward(lb, present=[True, False])
+    with pytest.raises(TypeError, match="bools"):
+        ob.backward(lb, present=[1, 0, 1])
+
+
+def test_no_task_present_does_nothing_and_says_so() -> None:
+    net = Net()
+    opt = build(net, "mgda")
+    x, ys = data(0)
+    opt.zero_grad()
+    opt.backward(mse(net(x), ys))
+    opt.step()  # momentum buffers exist now
+    before = flat(net)
+    opt.zero_grad()
+    with pytest.warns(RuntimeWarning, match="no task is present"):
+        opt.backward([None, None, None])
+    opt.step()
+    assert torch.equal(flat(net), before)
+
+
+@pytest.mark.parametrize("aggregator", ["sum", "mgda", "central+tension", "dwa"])
+def test_absent_tasks_over_many_steps_train(aggregator: str) -> None:
+    torch.manual_seed(5)
+    net = Net()
+    opt = build(net, aggregator, num_tasks=T)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        x, ys = data(step)
+        losses = mse(net(x), ys)
+        keep = torch.rand(T, generator=g) < 0.6
+        if not keep.any():
+            keep[step % T] = True
+        opt.zero_grad()
+        heads_before = [h.weight.detach().clone() for h in net.heads]
+        opt.backward([loss if k else None for loss, k in zip(losses, keep.tolist())])
+        for t in range(T):
+            assert (net.heads[t].weight.grad is None) == (not keep[t])
+        opt.step()
+        for t in range(T):
+            if not keep[t] and step == 0:
+                assert torch.equal(net.heads[t].weight, heads_before[t])
+    assert torch.isfinite(flat(net)).all()
+
+
+def test_legacy_loop_skipping_a_block_equals_none_loss() -> None:
+    torch.manual_seed(6)
+    a = Net()
+    b = copy.deepcopy(a)
+    oa = build(a, "mgda", num_tasks=T)
+    ob = build(b, "mgda", num_tasks=T)
+    x, ys = data(2)
+    la = mse(a(x), ys)
+    oa.backward([la[0], la[1], None])
+    oa.step()
+    lb = mse(b(x), ys)
+    for t in (0, 1):
+        with ob.task(t):
+            lb[t].backward(retain_graph=True)
+    ob.step()
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-6, atol=1e-7)
+
+
+def test_zero_loss_warning_suggests_none() -> None:
+    net = Net()
+    opt = build(net, "mgda")
+    x, ys = data(0)
+    losses = mse(net(x), ys)
+    with pytest.warns(RuntimeWarning, match="pass None"):
+        opt.backward([losses[0], 0 * losses[1], losses[2]])
+
+
+# -- Legacy loops and clipping ---------------------------------------------------------------------
+
+def test_legacy_clip_without_num_tasks_is_refused() -> None:
+    net = Net()
+    opt = build(net, "mgda")
+    x, ys = data(0)
+    losses = mse(net(x), ys)
+    for t in range(T):
+        with opt.task(t):
+            losses[t].backward(retain_graph=t < T - 1)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    before = flat(net)
+    with pytest.raises(RuntimeError, match="num_tasks=T"):
+        opt.step()
+    assert torch.equal(flat(net), before)
+
+
+def test_legacy_clip_with_num_tasks_sees_the_direction() -> None:
+    torch.manual_seed(7)
+    a = Net()
+    b = copy.deepcopy(a)
+    oa = build(a, "mgda", num_tasks=T)
+    ob = build(b, "mgda")
+    x, ys = data(0)
+    la = mse(a(x), ys)
+    for t in range(T):
+        with oa.task(t):
+            la[t].backward(retain_graph=t < T - 1)
+    norm_legacy = torch.nn.utils.clip_grad_norm_(a.encoder.parameters(), 1e9)
+    ob.backward(mse(b(x), ys))
+    norm_direct = torch.nn.utils.clip_grad_norm_(b.encoder.parameters(), 1e9)
+    torch.testing.assert_close(norm_legacy, norm_direct)
+    oa.step()  # no error: the direction was written when the last block ended
+
+
+def test_legacy_loop_without_clipping_still_works_without_num_tasks() -> None:
+    net = Net()
+    opt = build(net, "mgda")
+    x, ys = data(0)
+    losses = mse(net(x), ys)
+    for t in range(T):
+        with opt.task(t):
+            losses[t].backward(retain_graph=t < T - 1)
+    opt.step()
+    assert opt.num_tasks == T
+
+
+def test_plain_backward_next_to_the_optimizer_warns_once() -> None:
+    net = Net()
+    opt = build(net, "mgda")
+    for step in range(3):
+        x, ys = data(step)
+        opt.zero_grad()
+        sum(mse(net(x), ys)).backward()
+        if step == 0:
+            with pytest.warns(UserWarning, match="sum\\(losses\\).backward\\(\\)"):
+                opt.step()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                opt.step()
+
+
+def test_converted_loop_does_not_warn() -> None:
+    net = Net()
+    opt = build(net, "mgda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            x, ys = data(step)
+            opt.zero_grad()
+            opt.backward(mse(net(x), ys))
+            opt.step()
+
+
+# -- Gradient accumulation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregator", ["mgda", "upgrad", "central+tension", "dwa", "pcgrad", "sum"])
+def test_accumulation_equals_one_step_on_the_concatenation(aggregator: str) -> None:
+    torch.manual_seed(8)
+    a = Net().double()
+    b = copy.deepcopy(a)
+    kw = {"seed": 0} if aggregator == "pcgrad" else {}  # the same random orders in both
+    oa, ob = build(a, get(aggregator, **kw)), build(b, get(aggregator, **kw))
+    k = 3
+    for step in range(3):
+        x, ys = data(step, rows=24)
+        x, ys = x.double(), [y.double() for y in ys]
+        oa.zero_grad()
+        oa.backward(mse(a(x), ys))
+        oa.step()
+        ob.zero_grad()
+        for i in range(k):
+            sl = slice(8 * i, 8 * (i + 1))
+            losses = [loss / k for loss in mse(b(x[sl]), [y[sl] for y in ys])]
+            ob.backward(losses, accumulate=i < k - 1)
+        ob.step()
+        torch.testing.assert_close(flat(a), flat(b), rtol=1e-9, atol=1e-11)
+
+
+def test_accumulation_finished_by_step_and_dropped_by_zero_grad() -> None:
+    torch.manual_seed(9)
+    a = Net().double()
+    b = copy.deepcopy(a)
+    oa, ob = build(a, "mgda"), build(b, "mgda")
+    x, ys = data(0, rows=16)
+    x, ys = x.double(), [y.double() for y in ys]
+    oa.backward(mse(a(x), ys))
+    oa.step()
+    for i in range(2):
+        sl = slice(8 * i, 8 * (i + 1))
+        ob.backward([loss / 2 for loss in mse(b(x[sl]), [y[sl] for y in ys])], accumulate=True)
+    ob.step()  # finishes the accumulation
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-9, atol=1e-11)
+    ob.zero_grad()
+    ob.backward(mse(b(x), ys), accumulate=True)
+    ob.zero_grad()  # drops it: the step then has no gradient at all
+    before = flat(b)
+    ob.step()
+    assert torch.equal(flat(b), before)
+
+
+def test_accumulation_with_absent_tasks_in_some_micro_batches() -> None:
+    torch.manual_seed(10)
+    net = Net().double()
+    opt = build(net, "mgda")
+    x, ys = data(0, rows=16)
+    x, ys = x.double(), [y.double() for y in ys]
+    l1 = mse(net(x[:8]), [y[:8] for y in ys])
+    opt.backward([l1[0], None, None], accumulate=True)
+    l2 = mse(net(x[8:]), [y[8:] for y in ys])
+    opt.backward([l2[0], l2[1], None])
+    assert opt.diagnostics["present"].tolist() == [True, True, False]
+    assert all(p.grad is None for p in net.heads[2].parameters())
+    with pytest.raises(ValueError, match="representation"):
+        MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), shared=net.encoder,
+                           aggregator="mgda", capture="representation").backward(
+            l2, features=torch.ones(1, requires_grad=True), accumulate=True)
+
+
+# -- Frozen layers, shared=, generators ------------------------------------------------------------
+
+def test_partly_frozen_encoder() -> None:
+    net = Net()
+    net.encoder[0].requires_grad_(False)
+    opt = MultiTaskOptimizer(torch.optim.SGD([p for p in net.parameters() if p.requires_grad],
+                                             lr=0.1), shared=net.encoder, aggregator="mgda")
+    assert opt.layout.names == ["2.weight", "2.bias"]
+    x, ys = data(0)
+    opt.backward(mse(net(x), ys))
+    opt.step()
+    assert net.encoder[0].weight.grad is None
+    net.encoder[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="was frozen"):
+        opt.backward(mse(net(x), ys))
+
+
+def test_trainable_shared_parameter_missing_from_the_optimizer_is_an_error() -> None:
+    net = Net()
+    with pytest.raises(ValueError, match="not held by the wrapped optimizer"):
+        MultiTaskOptimizer(torch.optim.SGD(net.heads.parameters(), lr=0.1), shared=net.encoder)
+
+
+def test_everything_frozen_is_an_error() -> None:
+    net = Net()
+    net.encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match="every shared parameter is frozen"):
+        MultiTaskOptimizer(torch.optim.SGD(net.heads.parameters(), lr=0.1), shared=net.encoder)
+
+
+def test_shared_whole_model_warns() -> None:
+    net = Net()
+    with pytest.warns(UserWarning, match="no parameter is task-specific"):
+        MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), shared=net)
+
+
+def test_consumed_generator_is_named() -> None:
+    net = Net()
+    gen = net.parameters()
+    inner = torch.optim.SGD(gen, lr=0.1)
+    with pytest.raises(ValueError, match="consumed"):
+        MultiTaskOptimizer(inner, shared=gen)
