@@ -25,6 +25,9 @@
   - :func:`zero_row_matrices`: some rows exactly 0;
   - :func:`controlled_matrices`: any of these.
 
+* :func:`presence_patterns` (a plain function, not a strategy): seeded per-step masks of the
+  tasks present (at least one each), for the tests of absent tasks.
+
   The definitions of strong and weak stationarity are Quinton and Rey's (*Jacobian Descent for
   Multi-Objective Optimization*, arXiv:2406.16232, 2024).  For stationarity ``J`` is made
   orthogonal to ``v`` on the left; against it, a positive left singular vector ``u`` with a
@@ -58,6 +61,7 @@ __all__ = [
     "jacobians",
     "non_strongly_stationary_matrices",
     "non_weakly_stationary_matrices",
+    "presence_patterns",
     "rank_deficient_matrices",
     "strictly_weakly_stationary_matrices",
     "strongly_stationary_matrices",
@@ -364,3 +368,24 @@ DEGENERATE_MATRICES = (
 
 # Fixed positive factors, from small to large, for the positive-homogeneity checks.
 POSITIVE_SCALES = (1e-3, 0.5, 7.0, 1e3)
+
+
+def presence_patterns(seed: int, steps: int, num_tasks: int, p_present: float = 0.6,
+                      first_absent: int | None = 0) -> list[torch.Tensor]:
+    """``steps`` bool masks ``[num_tasks]`` (each task present with probability ``p_present``,
+    at least one present per step), from a seeded generator.  With ``first_absent=t`` task ``t``
+    is absent at the first step (so its state is first made later), and every pattern that is
+    drawn all-True is kept as it is (the plain call mixed in)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(steps):
+        m = rng.random(num_tasks) < p_present
+        if k == 0 and first_absent is not None:
+            m[first_absent] = False
+        if not m.any():
+            m[rng.integers(num_tasks if k or first_absent is None else num_tasks - 1)] = True
+            if k == 0 and first_absent is not None and m[first_absent]:
+                m[first_absent] = False
+                m[(first_absent + 1) % num_tasks] = True
+        out.append(torch.from_numpy(m))
+    return out

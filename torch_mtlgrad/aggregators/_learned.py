@@ -142,8 +142,9 @@ class LearnedVector:
         steps, m, v = self._adam_state()
         m, v = m.clone(), v.clone()
         grad = grad.detach().to(dtype=self.value.dtype, device=self.value.device)
-        for s in torch.unique(steps).tolist():
-            g = (steps == s).nonzero().flatten()
+        counts = steps.clone()  # the groups are fixed before any of them steps
+        for s in torch.unique(counts).tolist():
+            g = (counts == s).nonzero().flatten()
             gi = g.to(self.value.device)
             p = self.value.detach()[gi].clone().requires_grad_(True)
             opt = self._new_optimizer(p)
