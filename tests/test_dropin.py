@@ -439,3 +439,71 @@ def test_consumed_generator_is_named() -> None:
     inner = torch.optim.SGD(gen, lr=0.1)
     with pytest.raises(ValueError, match="consumed"):
         MultiTaskOptimizer(inner, shared=gen)
+
+
+# -- Every registry entry with random presence patterns, against the method on the present rows ----
+
+def _registry_method(name: str):
+    kw: dict = {}
+    base = name.split("+")[0]
+    if base == "constant":
+        kw["weights"] = [0.5, 2.0, 1.5]
+    if base in ("rlw", "pcgrad", "graddrop", "gradvac"):
+        kw["seed"] = 3
+    if name.endswith("+tension"):
+        kw["window"] = 2
+    return get(name, **kw)
+
+
+def _reference_step(net: Net, agg, x, ys, keep: list[bool], lr: float) -> None:
+    """One SGD step by hand: J of the present tasks, the method on those rows (told which tasks
+    they are), the direction into the encoder, each present head its own gradient."""
+    losses = mse(net(x), ys)
+    tasks = [t for t in range(T) if keep[t]]
+    shared = list(net.encoder.parameters())
+    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+            for t in tasks]
+    values = torch.stack([losses[t].detach() for t in tasks])
+    present = torch.tensor(keep)
+    out = agg.aggregate(torch.stack(rows), values,
+                        present=None if all(keep) else present)
+    d = out.direction
+    with torch.no_grad():
+        offset = 0
+        for p in shared:
+            p -= lr * d[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        for t in tasks:
+            for p, g in zip(net.heads[t].parameters(),
+                            torch.autograd.grad(losses[t], list(net.heads[t].parameters()),
+                                                retain_graph=True)):
+                p -= lr * g
+
+
+@pytest.mark.parametrize("capture", ["auto", "batched"])
+@pytest.mark.parametrize("name", sorted(__import__("torch_mtlgrad.aggregators",
+                                                   fromlist=["available"]).available()))
+def test_every_method_with_random_presence_equals_the_method_on_present_rows(name: str,
+                                                                               capture: str) -> None:
+    torch.manual_seed(11)
+    net = Net().double()
+    ref = copy.deepcopy(net)
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.02), shared=net.encoder,
+                             aggregator=_registry_method(name), num_tasks=T, capture=capture)
+    ref_agg = _registry_method(name)
+    g = torch.Generator().manual_seed(1)
+    for step in range(8):
+        x, ys = data(step)
+        x, ys = x.double(), [y.double() for y in ys]
+        keep = (torch.rand(T, generator=g) < 0.65).tolist()
+        if not any(keep):
+            keep[step % T] = True
+        if step == 0:
+            keep = [True, False, True]  # a task absent at the very first step
+        opt.zero_grad()
+        losses = mse(net(x), ys)
+        opt.backward([loss if k else None for loss, k in zip(losses, keep)])
+        opt.step()
+        _reference_step(ref, ref_agg, x, ys, keep, lr=0.02)
+        torch.testing.assert_close(flat(net), flat(ref), rtol=1e-9, atol=1e-11,
+                                   msg=lambda m: f"{name}, step {step}, present {keep}: {m}")
