@@ -559,3 +559,20 @@ def test_famo_update_takes_present() -> None:
     logits = agg.logits.clone()
     out = agg.aggregate(J, L)  # no pair of losses for any task: no logit update
     assert torch.equal(agg.logits, logits) and bool(torch.isnan(out.diagnostics["delta"]).all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_mid_run_with_absent_tasks(name: str) -> None:
+    """A state saved while some task was never present resumes bit for bit."""
+    a = build(name)
+    masks = presence_patterns(11, 10, T, first_absent=3)
+    masks[1][3] = False
+    steps = list(zip(data(11, steps=10), masks))
+    for (J, L), m in steps[:2]:
+        a.aggregate(J[m], L[m], present=m)
+    b = build(name)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for (J, L), m in steps[2:]:
+        x = a.aggregate(J[m], L[m], present=m)
+        y = b.aggregate(J[m], L[m], present=m)
+        assert torch.equal(x.direction, y.direction), name
