@@ -507,3 +507,48 @@ def test_every_method_with_random_presence_equals_the_method_on_present_rows(nam
         _reference_step(ref, ref_agg, x, ys, keep, lr=0.02)
         torch.testing.assert_close(flat(net), flat(ref), rtol=1e-9, atol=1e-11,
                                    msg=lambda m: f"{name}, step {step}, present {keep}: {m}")
+
+
+# -- GradNorm at one layer: T small backward passes for the norms, then one weighted backward ------
+
+def _last_layer_columns(net: Net) -> tuple[int, int]:
+    from torch_mtlgrad.capture import FlatLayout
+
+    layout = FlatLayout(list(net.encoder.parameters()))
+    return layout.param_range(2)[0], layout.param_range(3)[1]  # encoder[2]: weight and bias
+
+
+@pytest.mark.parametrize("absent", [False, True])
+def test_gradnorm_layer_route_equals_the_jacobian_route(absent: bool) -> None:
+    from torch_mtlgrad.aggregators.gradnorm import GradNorm
+
+    torch.manual_seed(12)
+    a = Net().double()
+    b = copy.deepcopy(a)
+    cols = _last_layer_columns(a)
+    fast = MultiTaskOptimizer(torch.optim.SGD(a.parameters(), lr=0.05), shared=a.encoder,
+                              aggregator=GradNorm(layer=cols))
+    slow = MultiTaskOptimizer(torch.optim.SGD(b.parameters(), lr=0.05), shared=b.encoder,
+                              aggregator=GradNorm(layer=cols), capture="loop")
+    for step in range(6):
+        x, ys = data(step)
+        x, ys = x.double(), [y.double() for y in ys]
+        keep = [True, step % 2 == 0 or not absent, True]
+        for opt, net in ((fast, a), (slow, b)):
+            opt.zero_grad()
+            losses = mse(net(x), ys)
+            opt.backward([loss if k else None for loss, k in zip(losses, keep)])
+            opt.step()
+        assert fast.last_capture == "layer" and fast.jacobian is None
+        torch.testing.assert_close(fast.diagnostics["weights"], slow.diagnostics["weights"])
+        torch.testing.assert_close(flat(a), flat(b), rtol=1e-10, atol=1e-12)
+
+
+def test_gradnorm_layer_not_on_whole_parameters_takes_the_jacobian_route() -> None:
+    from torch_mtlgrad.aggregators.gradnorm import GradNorm
+
+    net = Net()
+    opt = build(net, GradNorm(layer=(0, 7)))
+    x, ys = data(0)
+    opt.backward(mse(net(x), ys))
+    assert opt.last_capture == "loop"

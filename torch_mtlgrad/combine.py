@@ -157,13 +157,25 @@ class Combiner:
         kept so that a step found non-finite after the backward can be undone
         (:meth:`undo_weights`)."""
         agg = self.aggregator
-        self._snapshot = copy.deepcopy(agg.state_dict()) if agg.stateful else None
-        present = None
-        if tasks is not None:
-            present = torch.zeros(num_tasks, dtype=torch.bool, device=values.device)
-            present[tasks] = True
+        present = self._keep_state(values, num_tasks, tasks)
         return agg.aggregate_losses(values, num_tasks=num_tasks, dtype=values.dtype,
                                     device=values.device, present=present)
+
+    def norm_weights(self, norms: Tensor, values: Tensor, num_tasks: int,
+                     tasks: list[int] | None) -> Any:
+        """GradNorm's route: the weights from the task gradients' norms at its layer and the
+        losses, kept for :meth:`undo_weights` as :meth:`loss_weights` does."""
+        present = self._keep_state(values, num_tasks, tasks)
+        return self.aggregator.aggregate_norms(norms, values, present=present)
+
+    def _keep_state(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Tensor | None:
+        agg = self.aggregator
+        self._snapshot = copy.deepcopy(agg.state_dict()) if agg.stateful else None
+        if tasks is None:
+            return None
+        present = torch.zeros(num_tasks, dtype=torch.bool, device=values.device)
+        present[tasks] = True
+        return present
 
     def undo_weights(self) -> None:
         """Put the method's state back as it was before :meth:`loss_weights`."""

@@ -56,6 +56,7 @@ from .capture import (
     SharedGrads,
     TaskHooks,
 )
+from .capture.layer import layer_params
 from .combine import Combiner, Outcome
 from .conal.conflict import ConflictNoticing
 from .plugins import call_hook, check_plugin, plugin_state
@@ -228,6 +229,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._full_diagnostics = diagnostics == "full"
         self._grads = SharedGrads(layout)
         self._frozen = frozen
+        # GradNorm with layer=: the shared parameters of that layer, for its cheap route
+        self._norm_layer = (layer_params(layout, agg.layer) if agg.reads == "layer" else None)
         self._skip = False  # the non-finite policy skipped this step: step() does nothing
         self._accumulation: Accumulation | None = None  # micro-batches added, not yet combined
         self._captured = False  # a task was captured since the last step(): not a plain backward
@@ -394,18 +397,21 @@ class MultiTaskOptimizer(WrappedOptimizer):
             return
         sub = None if len(tasks) == T else tasks
         combine = self._combine
-        losses_only = (not accumulating and not self.plugins and not self._full_diagnostics
-                       and self.aggregator.reads == "losses")
+        route = None
+        if not accumulating and not self.plugins and not self._full_diagnostics:
+            reads = self.aggregator.reads
+            if reads == "losses" or (reads == "layer" and self._norm_layer is not None):
+                route = reads
         plan = self._selector.plan(
             features, len(tasks), retain_graph=retain_graph, checked=self._policy.checked,
             gramian=(self.aggregator.from_gramian and not self.plugins and not accumulating
                      and self.layout.dtype is not None),
-            losses_only=losses_only)
+            route=route)
         values = torch.stack([loss.detach().reshape(()) for loss in losses])
         # Checked before capture (the graph survives an error) unless ranks must first agree on
         # them (a plugin's synchronize) or GradScaler must see the overflow: then in combine.  The
         # loss-only route reads the losses before its backward: always checked first.
-        losses_route = plan.mode == "losses"
+        losses_route = plan.mode in ("losses", "layer")
         if (self._policy.checked or (losses_route and combine.scaling)) and (
                 losses_route or not (combine.scaling or combine.sync_plugins)):
             bad = nonfinite_loss(values, sub)
@@ -420,7 +426,13 @@ class MultiTaskOptimizer(WrappedOptimizer):
         specific = self.task_specific_parameters()
         work = values.to(self._buffers.dtype)
         if losses_route:
-            result = combine.loss_weights(work, T, sub)
+            norms = None
+            if plan.mode == "layer":
+                assert self._norm_layer is not None
+                norms = self._capturer.norms(losses, self._norm_layer)
+                result = combine.norm_weights(norms, work, T, sub)
+            else:
+                result = combine.loss_weights(work, T, sub)
             w = result.weights
             unit = isinstance(self.aggregator, Sum)
             captured = self._capturer.weighted(plan, losses, work,
@@ -429,6 +441,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
             full = work.new_full((T,), float("nan"))
             full[torch.tensor(tasks, device=work.device)] = work
             captured.diagnostics = {"weights": w.detach(), "losses": full, **result.diagnostics}
+            captured.mode = plan.mode
         else:
             plan, captured = self._capturer.capture(plan, losses, work, features, specific,
                                                     norms=self.compute_diagnostics is not False

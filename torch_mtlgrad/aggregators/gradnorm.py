@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import WeightedAggregator
+from ._base import Aggregation, WeightedAggregator, check_losses, check_present, work_dtype
 from ._learned import LearnedVector, OptimizerName
 
 __all__ = ["GradNorm"]
@@ -120,6 +120,42 @@ class GradNorm(WeightedAggregator):
     def from_gramian(self) -> bool:
         """The norms of the whole gradients are ``sqrt(diag G)``; one layer's need ``J``."""
         return self.layer is None
+
+    @property
+    def reads(self) -> Any:
+        """``"layer"`` with ``layer=``: only the norms of the task gradients over those columns
+        (a caller may compute them from that layer's gradients alone and pass them to
+        :meth:`aggregate_norms`); else ``"gramian"`` (the diagonal of ``G``)."""
+        return "gramian" if self.layer is None else "layer"
+
+    def aggregate_norms(self, norms: Tensor, losses: Tensor, *,
+                        present: Tensor | None = None) -> Aggregation:
+        """The weights of this call from the task gradients' norms ``||g_i||`` over the
+        ``layer=`` columns (``[T]``, or the present tasks' only with ``present=``), for a caller
+        that never builds ``J`` (the optimizer takes ``layer``'s gradients by one small backward
+        per task, then one backward of ``sum_i w_i L_i``).  The same step as :meth:`aggregate`
+        on a ``J`` with those norms; ``direction`` is ``None``.
+
+        Example:
+            >>> a, b = GradNorm(layer=(0, 1)), GradNorm(layer=(0, 1))
+            >>> J = torch.tensor([[3.0, 1.0], [1.0, 2.0]]); L = torch.tensor([1.0, 2.0])
+            >>> torch.equal(a.aggregate(J, L).weights, b.aggregate_norms(J[:, :1].norm(dim=1), L).weights)
+            True
+        """
+        norms = torch.as_tensor(norms).detach()
+        if norms.dim() != 1 or not norms.is_floating_point():
+            raise ValueError(f"norms must be a 1-D floating-point tensor (one per present task), "
+                             f"got shape {tuple(norms.shape)} and dtype {norms.dtype}")
+        norms = norms.to(work_dtype(norms.dtype))
+        T = norms.shape[0]
+        mask = check_present(present, T, self._known_num_tasks())
+        lw = check_losses(losses, T, norms)
+        if mask is None:
+            self.weights = self._update(norms, lw, T, norms.dtype, norms.device)
+        else:
+            with self._present_call(mask):
+                self.weights = self._update(norms, lw, T, norms.dtype, norms.device)
+        return Aggregation(None, self.weights, self.diagnostics)
 
     @property
     def runs_on_features(self) -> bool:

@@ -13,6 +13,7 @@ from .batched import capture_batched
 from .blocks import batched_shared_grads
 from .captured import CaptureBuffers, Captured, zero_rows
 from .feature import capture_feature, feature_gradients
+from .layer import layer_norms
 from .layout import FlatLayout
 from .loop import capture_loop
 from .representation import encoder_vjp
@@ -82,6 +83,10 @@ class Capturer:
                                          scale)
         return Captured("losses", values, specific, grads, prior, shared=shared,
                         seconds=time.perf_counter() - start)
+
+    def norms(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """Each task's gradient norm over ``params`` (one layer), for GradNorm's route."""
+        return layer_norms(losses, params, self.buffers.dtype)
 
     def _stats(self, T: int, norms: bool, checked: bool) -> RowStats | None:
         # Off the Triton kernel NaN/Inf counts would cost extra passes over J: the check stage

@@ -12,7 +12,9 @@ The capture modes (all exact ones give the same ``J`` up to float rounding):
   whose weights read only the loss values (``aggregator.reads == "losses"``: sum, mean,
   constant, RLW, DWA, UW, FAMO), with no plugin, no ``diagnostics="full"`` and no gradient
   accumulation, takes the loss-only route: ``J`` is never built, one backward of
-  ``sum_t w_t L_t`` gives the shared gradients (:mod:`.weighted`).  Otherwise: on a GPU
+  ``sum_t w_t L_t`` gives the shared gradients (:mod:`.weighted`).  GradNorm with ``layer=``
+  (``reads == "layer"``) likewise, after one small backward per task for that layer's gradient
+  norms (:mod:`.layer`).  Otherwise: on a GPU
   ``"feature"`` given ``features=``, else ``"loop"``; elsewhere ``"loop"`` (the fastest or within
   noise of the fastest everywhere measured on the CPU).
 * ``"timed"``: like ``"auto"`` on a GPU; elsewhere the first steps (for each T) alternate the
@@ -93,8 +95,8 @@ class Plan:
     """The capture one step runs.
 
     Attributes:
-        mode: ``"loop"``, ``"batched"``, ``"feature"``, ``"representation"`` or ``"losses"`` (the
-            loss-only route).
+        mode: ``"loop"``, ``"batched"``, ``"feature"``, ``"representation"``, ``"losses"`` (the
+            loss-only route) or ``"layer"`` (GradNorm's norms at one layer, then the same).
         chunk: tasks per batched pass (``None``: all at once).
         gramian: take the Gramian path (per-parameter blocks, no ``J``).
         keep_graph: retain the graph through the capture (the user asked, a batched pass may
@@ -180,17 +182,18 @@ class CaptureSelector:
         return self._auto_chunks[num_tasks]
 
     def plan(self, features: Any, num_tasks: int, *, retain_graph: bool, checked: bool,
-             gramian: bool, losses_only: bool = False) -> Plan:
+             gramian: bool, route: str | None = None) -> Plan:
         """The plan of one ``backward(losses)`` step.
 
         ``checked``: the non-finite policy looks at the values (then a batched pass keeps the graph
         so that the loop can name a culprit).  ``gramian``: the step could take the Gramian path
         (a ``from_gramian`` aggregator, no plugin, one dtype); it does when the batched pass runs
-        in one piece.  ``losses_only``: the step needs only the loss values (see the module
-        docstring); with ``capture="auto"`` or ``"timed"`` it then takes the loss-only route.
+        in one piece.  ``route``: ``"losses"`` when the step needs only the loss values,
+        ``"layer"`` when it needs them and the task gradients' norms at one layer (GradNorm with
+        ``layer=``); with ``capture="auto"`` or ``"timed"`` the step then takes that route.
         """
-        if losses_only and self.capture in ("auto", "timed"):
-            return Plan("losses", retain_graph=retain_graph, keep_graph=retain_graph)
+        if route is not None and self.capture in ("auto", "timed"):
+            return Plan(route, retain_graph=retain_graph, keep_graph=retain_graph)
         mode, tuning = self.mode(features, num_tasks)
         batched = mode in ("batched", "feature")
         chunk = self.chunk(num_tasks) if batched else None
