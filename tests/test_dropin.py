@@ -259,14 +259,19 @@ def test_zero_loss_warning_suggests_none() -> None:
 
 # -- Legacy loops and clipping ---------------------------------------------------------------------
 
+def legacy_backward(opt: MultiTaskOptimizer, losses: list[torch.Tensor]) -> None:
+    """The loop a user already has: one backward per task, each in its task() block."""
+    for t, loss in enumerate(losses):
+        with opt.task(t):
+            loss.backward(retain_graph=t < len(losses) - 1)
+
+
 def test_legacy_clip_without_num_tasks_is_refused() -> None:
     net = Net()
     opt = build(net, "mgda")
     x, ys = data(0)
     losses = mse(net(x), ys)
-    for t in range(T):
-        with opt.task(t):
-            losses[t].backward(retain_graph=t < T - 1)
+    legacy_backward(opt, losses)
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     before = flat(net)
     with pytest.raises(RuntimeError, match="num_tasks=T"):
@@ -282,9 +287,7 @@ def test_legacy_clip_with_num_tasks_sees_the_direction() -> None:
     ob = build(b, "mgda")
     x, ys = data(0)
     la = mse(a(x), ys)
-    for t in range(T):
-        with oa.task(t):
-            la[t].backward(retain_graph=t < T - 1)
+    legacy_backward(oa, la)
     norm_legacy = torch.nn.utils.clip_grad_norm_(a.encoder.parameters(), 1e9)
     ob.backward(mse(b(x), ys))
     norm_direct = torch.nn.utils.clip_grad_norm_(b.encoder.parameters(), 1e9)
@@ -297,9 +300,7 @@ def test_legacy_loop_without_clipping_still_works_without_num_tasks() -> None:
     opt = build(net, "mgda")
     x, ys = data(0)
     losses = mse(net(x), ys)
-    for t in range(T):
-        with opt.task(t):
-            losses[t].backward(retain_graph=t < T - 1)
+    legacy_backward(opt, losses)
     opt.step()
     assert opt.num_tasks == T
 

@@ -14,7 +14,7 @@ The facade only orchestrates; each stage of a step is one call into one module::
 
 A legacy loop (``with opt.task(t): loss_t.backward()``) captures through
 :class:`~torch_mtlgrad.capture.TaskHooks` and joins the same flow at the combine stage.  The
-whole picture is in ``docs/architecture.md``.
+whole picture is on the documentation's Architecture page.
 """
 
 from __future__ import annotations

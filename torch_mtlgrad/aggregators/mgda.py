@@ -46,7 +46,7 @@ class MinNorm(WeightedAggregator):
     that residue matters: on the tensioner paper's XOR/AND ablation with ``c = 10`` the exact
     min-norm direction stalls at a Pareto-stationary point (0% of runs converge) where the
     reference solver's leftover 0.001 of the large XOR gradient lets 100% converge
-    (``benchmarks/RESULTS.md``).
+    (the documentation's Reproductions page).
 
     Example:
         >>> import torch

@@ -2,7 +2,7 @@
 steps and keep the faster one.
 
 Which exact capture is faster on a CPU depends on the model, the batch, T and the number of
-threads (``benchmarks/RESULTS.md``, step speed, has measurements both ways).  Where no rule
+threads (the documentation's Performance page has measurements both ways).  Where no rule
 of thumb covers a setup, ``capture="timed"`` measures: for each ``(T, candidate)`` it alternates
 the loop and the batched candidate (``"feature"`` when ``features=`` is given, else
 ``"batched"``) for ``warmup`` untimed and then ``trials`` timed steps each, and from then on uses
