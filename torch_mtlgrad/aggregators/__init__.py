@@ -10,19 +10,22 @@ with weights that read only ``G = J J^T`` or the losses) also has
 Every method lives here, one module each: the direction methods and the loss weightings with
 learned or tracked state (``uw``, ``gradnorm``, ``dwa``, ``famo``; also re-exported by
 :mod:`torch_mtlgrad.weightings`).  Build one by class, or by short name through :func:`get`;
-:func:`available` lists the names.  Every method of the registry is importable from here by its
-class name (loaded on first use, so importing this package does not import cvxpy or the methods
-you do not use).  Nothing here imports the optimizer, the capture code, the plugins or the
-model-side methods.
+:func:`available` lists the names, :func:`aliases` the other spellings ``get`` accepts and
+:func:`scale_convention` each method's scale (``"sum"``, ``"convex"`` or ``"unnormalised"``);
+:class:`Rescaled` (the name suffix ``"*T"``) multiplies a direction by the number of tasks.
+Every method of the registry is importable from here by its class name (loaded on first use, so
+importing this package does not import cvxpy or the methods you do not use).  Nothing here
+imports the optimizer, the capture code, the plugins or the model-side methods.
 """
 
 from typing import Any
 
 from ._base import Aggregation, Aggregator, WeightedAggregator, work_dtype
-from ._registry import _ENTRIES, available, get, register, resolve
+from ._registry import _ENTRIES, aliases, available, get, register, resolve, scale_convention
 from .central import Central, central_weights
 from .mean import Mean, Sum
 from .mgda import MinNorm
+from .rescaled import Rescaled
 from .tension import Tensioned
 
 _LAZY = {cls: module for module, cls, _ in _ENTRIES.values() if module.startswith(__name__ + ".")}
@@ -34,13 +37,16 @@ __all__ = [
     "Central",
     "Mean",
     "MinNorm",
+    "Rescaled",
     "Sum",
     "Tensioned",
+    "aliases",
     "available",
     "central_weights",
     "get",
     "register",
     "resolve",
+    "scale_convention",
     "work_dtype",
     *sorted(c for c in _LAZY if c not in {"Mean", "Sum", "MinNorm", "Central"}),
 ]
