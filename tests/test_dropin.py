@@ -248,13 +248,14 @@ def test_legacy_loop_skipping_a_block_equals_none_loss() -> None:
     torch.testing.assert_close(flat(a), flat(b), rtol=1e-6, atol=1e-7)
 
 
-def test_zero_loss_warning_suggests_none() -> None:
+def test_zero_loss_warning_suggests_none_and_points_at_the_caller() -> None:
     net = Net()
     opt = build(net, "mgda")
     x, ys = data(0)
     losses = mse(net(x), ys)
-    with pytest.warns(RuntimeWarning, match="pass None"):
+    with pytest.warns(RuntimeWarning, match="pass None") as record:
         opt.backward([losses[0], 0 * losses[1], losses[2]])
+    assert record[0].filename == __file__  # the user's line, not the library's
 
 
 # -- Legacy loops and clipping ---------------------------------------------------------------------

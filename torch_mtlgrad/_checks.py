@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._stack import user_stacklevel
 from .capture.layout import FlatLayout
 
 __all__ = [
@@ -131,7 +132,7 @@ def warn_all_shared(num_specific: int) -> None:
             "every parameter of the wrapped optimizer is in shared=, so no parameter is "
             "task-specific: if the model has task heads, shared= should be only the part all "
             "tasks use (e.g. shared=model.encoder); the heads then get their own task's gradient "
-            "instead of a share of the combined direction", UserWarning, stacklevel=3)
+            "instead of a share of the combined direction", UserWarning, stacklevel=user_stacklevel())
 
 
 def check_loss(t: int, loss: Any) -> None:
@@ -313,4 +314,4 @@ class ZeroRowWarning:
                 warnings.warn(f"task {t}'s loss does not depend on the shared parameters: its row of "
                               "J is zero (if the task is absent from this batch, pass None as its "
                               "loss instead of 0 * loss: the step then aggregates the tasks present)",
-                              RuntimeWarning, stacklevel=4)
+                              RuntimeWarning, stacklevel=user_stacklevel())

@@ -43,6 +43,7 @@ from ._checks import (
     warn_all_shared,
 )
 from ._facade import WrappedOptimizer
+from ._stack import user_stacklevel
 from .aggregators import Aggregator, resolve
 from .aggregators.mean import Sum
 from .capture import (
@@ -392,7 +393,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
             if not accumulating:
                 warnings.warn(f"no task is present in this step (all {T} losses are None or "
                               "marked absent): nothing is written and step() will not step",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=user_stacklevel())
                 self._skip = True
             return
         sub = None if len(tasks) == T else tasks
@@ -587,7 +588,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
                 "step() found gradients on the shared parameters but no task was captured since "
                 "the last step: was sum(losses).backward() (or loss.backward()) left in place of "
                 "opt.backward(losses)? This step ran on those gradients as they are, without "
-                "combining the tasks (warned once)", UserWarning, stacklevel=3)
+                "combining the tasks (warned once)", UserWarning, stacklevel=user_stacklevel())
 
     # -- Checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

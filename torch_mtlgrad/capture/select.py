@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .._stack import user_stacklevel
 from .tuner import CaptureTuner
 
 __all__ = ["CAPTURES", "CaptureSelector", "Plan", "auto_chunk_size", "available_memory"]
@@ -210,7 +211,7 @@ class CaptureSelector:
         self.batched_failed = True
         warnings.warn(f"capture={plan.mode!r} cannot run on this model ({type(err).__name__}: "
                       f"{str(err).splitlines()[0][:200]}); falling back to the per-task loop",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=user_stacklevel())
         # The loop keeps the graph where the user asked, or where the batched plan would have.
         return Plan("loop", keep_graph=plan.retain_graph or plan.name_tasks,
                     retain_graph=plan.retain_graph, tuning=plan.tuning)
