@@ -56,6 +56,7 @@ __all__ = [
     "assert_weighted",
     "assert_zero_direction",
     "fresh",
+    "permutation_gap",
     "scale_of",
 ]
 
@@ -209,6 +210,19 @@ def assert_permutation_invariant(agg: AggLike, steps: Steps,
                 assert_close(wa[perm], wb, rtol=weights_rtol, atol=weights_atol,
                              msg=("weights", perm, k))
     return a, b
+
+
+def permutation_gap(agg: AggLike, J: Tensor, perms: int = 3, seed: int = 0) -> float:
+    """The largest ``max |A(J) - A(P J)|`` over ``perms`` seeded row permutations ``P`` (fresh
+    instances each), in ``J``'s dtype: how much the order of the tasks moves the direction, for
+    tests that bound it at the rounding level of the input's dtype."""
+    d = fresh(agg)(J)
+    gap = 0.0
+    for perm in _perms(perms, J.shape[0], seed):
+        dp = fresh(agg)(J[perm])
+        assert dp.dtype == J.dtype and bool(torch.isfinite(dp).all()), dp
+        gap = max(gap, float((d - dp).abs().max()))
+    return gap
 
 
 def assert_positively_homogeneous(agg: AggLike, J: Tensor, scales: float | Sequence[float], *,

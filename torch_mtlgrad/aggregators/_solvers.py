@@ -32,9 +32,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "combine64",
     "dual_cone_weights",
     "dual_cone_weights_pgd",
     "fista",
+    "gramian64",
     "min_norm_weights",
     "min_norm_weights_cvxpy",
     "min_norm_weights_pgd",
@@ -130,6 +132,57 @@ def _nnqp_cold(Q: np.ndarray, c: np.ndarray, eps: float, max_iter: int) -> np.nd
 def _as_numpy64(G: Tensor) -> np.ndarray:
     G64 = G.detach().to(device="cpu", dtype=torch.float64).numpy()
     return 0.5 * (G64 + G64.T)
+
+
+# Columns per chunk in the float64 products below: at most ~2^24 float64 entries (128 MiB) at
+# a time, whatever D is.
+_CHUNK_ENTRIES = 1 << 24
+
+
+def _column_chunks(J: Tensor) -> list[Tensor]:
+    step = max(1, _CHUNK_ENTRIES // max(1, J.shape[0]))
+    return list(J.split(step, dim=1)) if J.shape[1] else [J]
+
+
+def gramian64(J: Tensor) -> Tensor:
+    """``G = J J^T`` (``[T, T]``) accumulated in float64 on ``J``'s device, column block by
+    column block (``J`` is never copied whole to float64).
+
+    A product of two float32 numbers is exact in float64, so for a float32 ``J`` the only
+    rounding is the float64 accumulation (~1e-16 relative): ``G`` of the rows in any order is
+    the same matrix, permuted, to that accuracy.  A float32 ``J @ J.T`` rounds each entry to
+    ~1e-7 and, blocked differently for different row orders, not always to the same bits;
+    a solver on ``G`` then sees a different matrix for each order.
+
+    Example:
+        >>> gramian64(torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
+        tensor([[5., 6.],
+                [6., 9.]], dtype=torch.float64)
+    """
+    T = J.shape[0]
+    G = torch.zeros(T, T, dtype=torch.float64, device=J.device)
+    for Jc in _column_chunks(J):
+        Jc = Jc.to(torch.float64)
+        G += Jc @ Jc.T
+    return G
+
+
+def combine64(w: Tensor, J: Tensor) -> Tensor:
+    """``d = w^T J`` (``[D]``, in ``J``'s dtype) with the sum over the rows done in float64 (column
+    block by column block) and rounded once at the end.
+
+    The weights of a projection can be large and of both signs on rank-deficient ``J`` (their
+    combination cancels): summed in float32 in the rows' order, ``w^T J`` then carries an error
+    of ``eps ||w|| max|J|`` that changes with the order of the rows.  Summed in float64 the
+    result is the correctly rounded sum, up to ties, whatever the order.
+
+    Example:
+        >>> combine64(torch.tensor([0.5, 0.5], dtype=torch.float64), torch.eye(2))
+        tensor([0.5000, 0.5000])
+    """
+    w64 = w.to(device=J.device, dtype=torch.float64)
+    parts = [(w64 @ Jc.to(torch.float64)).to(J.dtype) for Jc in _column_chunks(J)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _min_norm_two(G: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ By the dual problem, ``pi_J(v) = v + J^T lam`` with
 ``lam = argmin_{lam >= 0} 1/2 lam^T G lam + lam^T (J v)`` and ``J v = G p``, so the weights are
 ``w = p + lam`` and ``d = w^T J``: computed from ``G = J J^T`` only, with the library's one
 cone-projection solver (:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`; exact,
-float64, on the CPU: one host synchronisation per call).
+float64, on the CPU: one host synchronisation per call); from ``J``, ``G`` and ``w^T J`` are
+accumulated in float64 (see :class:`~torch_mtlgrad.aggregators.upgrad.ConeWeighting`).
 
 Non-conflicting (``J d >= 0``) and, with uniform ``p``, invariant to the order of the tasks; unlike
 UPGrad it is not linear under scaling of the rows (the paper's comparison table).
@@ -19,7 +20,6 @@ UPGrad it is not linear under scaling of the rows (the paper's comparison table)
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ._solvers import dual_cone_weights
@@ -48,10 +48,7 @@ class DualProj(ConeWeighting):
         tensor([0.0000, 0.5000])
     """
 
-    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
-                  dtype: torch.dtype, device: torch.device) -> Tensor:
-        assert G is not None
-        p = self._pref(G)
-        lam = dual_cone_weights(G, G @ p, warm=self._warm)
-        self.diagnostics = {"lam": lam}
-        return p + lam
+    def _weights64(self, G64: Tensor) -> tuple[Tensor, Tensor]:
+        p = self._pref(G64)
+        lam = dual_cone_weights(G64, G64 @ p, warm=self._warm)
+        return p + lam, lam

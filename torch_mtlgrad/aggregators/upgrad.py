@@ -15,7 +15,9 @@ paper's Proposition on the dual problem): ``pi_J(p_i g_i) = J^T (p_i e_i + lam_i
 so the weights are ``w = p + sum_i lam_i`` and ``d = w^T J``; computed from ``G = J J^T`` only,
 with the library's one cone-projection solver
 (:func:`torch_mtlgrad.aggregators._solvers.dual_cone_weights`, exact, float64, on the CPU: one
-host synchronisation per call).
+host synchronisation per call).  From ``J``, ``G`` is accumulated in float64 and ``w^T J`` summed
+in float64 (see :class:`ConeWeighting`), so a float32 ``d`` is the same, to about one float32
+ulp, for any order of the rows.
 
 Properties the paper proves (and the tests check): non-conflicting (``J d >= 0``), linear under
 scaling of the rows (``c -> A(diag(c) J)`` is linear for ``c > 0``), weighted (``d`` lies in the
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
-from ._solvers import dual_cone_weights
+from ._solvers import combine64, dual_cone_weights, gramian64
 
 __all__ = ["ConeWeighting", "UPGrad", "check_pref_vector"]
 
@@ -67,6 +69,30 @@ class ConeWeighting(WeightedAggregator):
     def _pref(self, G: Tensor) -> Tensor:
         return check_pref_vector(self.pref_vector, G.shape[0], G)
 
+    # Precision.  Everything from G to the weights runs in float64 (the solve, the right-hand
+    # sides, the sum of the multipliers), ``aggregate(J)`` builds G with float64 accumulation
+    # (:func:`~torch_mtlgrad.aggregators._solvers.gramian64`) and forms ``d = w^T J`` with a
+    # float64 sum over the rows (:func:`~torch_mtlgrad.aggregators._solvers.combine64`): on
+    # rank-deficient J the multipliers are large and cancel, and float32 steps there made ``d``
+    # depend on the order of the rows by ~1e-6 (now ~1e-8, a float32 ulp).  ``weights`` and
+    # ``diagnostics`` are then rounded to the input's dtype.
+    def _weights64(self, G64: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w, lam)`` in float64 from the float64 Gramian."""
+        raise NotImplementedError
+
+    def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
+        w64, lam = self._weights64(gramian64(J))
+        self.weights = w64.to(J.dtype)
+        self.diagnostics = {"lam": lam.to(J.dtype)}
+        return combine64(w64, J)
+
+    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
+                  dtype: torch.dtype, device: torch.device) -> Tensor:
+        assert G is not None
+        w64, lam = self._weights64(G.to(torch.float64))
+        self.diagnostics = {"lam": lam.to(G.dtype)}
+        return w64.to(G.dtype)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(pref_vector={self.pref_vector!r})"
 
@@ -93,11 +119,8 @@ class UPGrad(ConeWeighting):
         tensor([0.2500, 0.5000])
     """
 
-    def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
-                  dtype: torch.dtype, device: torch.device) -> Tensor:
-        assert G is not None
-        p = self._pref(G)
+    def _weights64(self, G64: Tensor) -> tuple[Tensor, Tensor]:
+        p = self._pref(G64)
         # Column i of B is J (p_i g_i) = p_i G[:, i]: one dual problem per row.
-        lam = dual_cone_weights(G, G * p[None, :], warm=self._warm)
-        self.diagnostics = {"lam": lam}
-        return p + lam.sum(dim=1)
+        lam = dual_cone_weights(G64, G64 * p[None, :], warm=self._warm)
+        return p + lam.sum(dim=1), lam
