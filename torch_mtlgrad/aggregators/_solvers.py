@@ -42,6 +42,7 @@ __all__ = [
     "min_norm_weights_pgd",
     "nnqp",
     "project_simplex",
+    "smallest_min_norm_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,59 @@ def min_norm_weights(G: Tensor, method: MinNormMethod = "auto", *, iters: int = 
     if total <= 0:  # cannot happen for a PSD G; kept as a guard
         raise RuntimeError("min-norm solver failed: the active-set method returned x = 0")
     return torch.as_tensor(x / total, dtype=G.dtype, device=G.device)
+
+
+def smallest_min_norm_weights(U: np.ndarray, k: np.ndarray, rel_tol: float) -> np.ndarray:
+    """Among the minimisers of ``w^T U w`` on the simplex, the one of smallest Euclidean norm,
+    given one minimiser ``k`` (float64 numpy; ``U`` symmetric PSD ``[m, m]``).
+
+    Where ``U`` is singular (more rows than their rank, duplicate or colinear rows, or 0 in the
+    rows' hull) the minimisers form a polytope; the point ``k^T J`` is the same for all of them,
+    but not the weights, and which vertex an active-set solver ends on depends on the order of
+    the rows.  The smallest one is unique (a strictly convex norm on a convex set) and
+    permutes with the rows.
+
+    The minimisers are ``{w >= 0 : 1^T w = 1, U w = U k}``; with ``U = V diag(s) V^T`` and
+    ``V_r`` the eigenvectors of eigenvalues above ``rel_tol * max(s)`` (below it, ``U``'s
+    rounding), that is ``C w = C k`` for ``C = [1^T; V_r^T]``.  Writing ``w = w0 + N z`` (``w0``
+    the smallest solution of the equalities, ``N`` an orthonormal basis of ``C``'s null space),
+    ``||w||^2 = ||w0||^2 + ||z||^2`` and the problem is the least-distance problem
+    ``min ||z|| s.t. N z >= -w0``, solved by non-negative least squares (Lawson and Hanson,
+    *Solving Least Squares Problems*, 1974, ch. 23, Thm. 23.4) with :func:`nnqp`.  The result
+    is checked to be a minimiser (to the same tolerance); otherwise ``k`` is returned.
+
+    Example:
+        >>> U = np.ones((3, 3))   # one direction three times: every w on the simplex minimises
+        >>> smallest_min_norm_weights(U, np.array([1.0, 0.0, 0.0]), 1e-12)
+        array([0.33333333, 0.33333333, 0.33333333])
+    """
+    m = k.shape[0]
+    if m <= 1:
+        return k
+    U = 0.5 * (U + U.T)
+    s, V = np.linalg.eigh(U)
+    top = max(float(s[-1]), 0.0)
+    Vr = V[:, s > rel_tol * max(top, 1e-300)]
+    C = np.vstack([np.full((1, m), m ** -0.5), Vr.T])
+    _, sv, Vt = np.linalg.svd(C, full_matrices=True)
+    q = int((sv > 1e-9 * sv[0]).sum())
+    R, N = Vt[:q], Vt[q:].T
+    w0 = R.T @ (R @ k)
+    w = w0
+    if N.shape[1] > 0 and w0.min() < 0:
+        u = nnqp(N @ N.T + np.outer(w0, w0), w0)
+        top_r, last_r = N.T @ u, -float(w0 @ u) - 1.0
+        if last_r < 0:  # always for a feasible problem (k is feasible)
+            w = w0 - N @ (top_r / last_r)
+    w = np.maximum(w, 0.0)
+    total = w.sum()
+    if not np.isfinite(total) or total <= 0:
+        return k
+    w = w / total
+    f_k, f_w = float(k @ U @ k), float(w @ U @ w)
+    if not f_w <= f_k + 10 * rel_tol * max(top, 1e-300):
+        return k
+    return w
 
 
 def min_norm_weights_cvxpy(G: Tensor, solver: str | None = None) -> Tensor:

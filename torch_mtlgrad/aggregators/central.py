@@ -9,6 +9,11 @@ so ``v = sum_m c_m g_m`` with ``c_m = gamma k*_m / ||g_m||`` >= 0 summing to 1: 
 combination of the gradients that lies in the central region of their cone.  (The paper prints
 ``||u_m||`` in gamma, which is 1; the authors' code uses ``||g_m||``, and so does this one.)  For two tasks
 it is the bisector ``(g1 ||g2|| + g2 ||g1||) / (||g1|| + ||g2||)``.  Computed from ``G`` only.
+
+Eq. 3's minimiser is not unique where the unit rows' Gramian is singular (more tasks than the
+rank of ``J``, colinear rows, 0 in their hull), and eq. 4's ``gamma`` depends on the one taken:
+this implementation takes the minimiser of smallest Euclidean norm, which is unique and does not
+depend on the order of the tasks (see :func:`central_weights`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
-from ._solvers import MinNormMethod, min_norm_weights
+from ._solvers import (
+    MinNormMethod,
+    combine64,
+    gramian64,
+    min_norm_weights,
+    smallest_min_norm_weights,
+)
 
 __all__ = ["Central", "central_weights"]
 
@@ -28,12 +39,27 @@ def central_weights(G: Tensor, method: MinNormMethod = "auto", iters: int = 250)
     Tasks with a zero gradient get weight 0 (no unit vector exists; any direction is feasible for
     them); when every row is zero the weights are uniform and ``v = 0``.
 
+    Which minimiser of eq. 3: where the unit rows' Gramian is singular (more tasks than the rank
+    of ``J``, duplicate or colinear rows, 0 in the unit rows' hull) eq. 3 has many minimisers
+    ``k*``: they give the same point ``k*^T U`` but not the same ``gamma`` (eq. 4), so ``v``
+    would depend on the one the solver ends on, and so on the order of the tasks.  The exact
+    methods (``"auto"``, ``"active-set"``, ``"cvxpy"``) take the minimiser of smallest Euclidean
+    norm (:func:`~torch_mtlgrad.aggregators._solvers.smallest_min_norm_weights`), which is
+    unique and permutes with the tasks: e.g. ``n`` colinear rows share their weight equally, as
+    ``n`` equal rows do.  Eigenvalues of the unit Gramian below ``10 T eps`` of its largest
+    (``eps`` of ``G``'s dtype) are taken as its rounding.  ``"pgd"`` is approximate and keeps
+    whatever minimiser its iterations approach.  Computed in float64 (``"pgd"``: in ``G``'s
+    dtype, on its device); returned in ``G``'s dtype.
+
     Example:
         >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
         >>> central_weights(G)
         tensor([0.6667, 0.3333])
     """
     T = G.shape[0]
+    out_dtype = G.dtype
+    if method != "pgd":
+        G = G.to(torch.float64)
     norms = torch.diagonal(G).clamp_min(0).sqrt()
     tiny = torch.finfo(G.dtype).tiny
     nz = norms > tiny * 1e3
@@ -41,7 +67,8 @@ def central_weights(G: Tensor, method: MinNormMethod = "auto", iters: int = 250)
     U = G / (safe[:, None] * safe[None, :])
     U = torch.where(nz[:, None] & nz[None, :], U, torch.zeros_like(U))
     if T == 2 and method == "auto":
-        # Bisector (eq. 4 for T = 2): k* = (1/2, 1/2) on unit vectors, c_m proportional to 1/||g_m||.
+        # Bisector (eq. 4 for T = 2): k* = (1/2, 1/2) on unit vectors, c_m proportional to 1/||g_m||
+        # (also the smallest minimiser when u_1 = u_2 and every k minimises).
         k = torch.where(nz, torch.ones_like(norms), torch.zeros_like(norms))
     elif method == "pgd":
         # Sync-free: a zero row gets a large self-product so the solve leaves it out.
@@ -50,11 +77,17 @@ def central_weights(G: Tensor, method: MinNormMethod = "auto", iters: int = 250)
         idx = nz.nonzero().flatten()
         k = torch.zeros_like(norms)
         if idx.numel() > 0:
-            k[idx] = min_norm_weights(U[idx][:, idx], method, iters=iters)
+            Us = U[idx][:, idx]
+            k1 = min_norm_weights(Us, method, iters=iters)
+            rel_tol = 10 * T * torch.finfo(out_dtype).eps
+            Un = Us.detach().cpu().numpy()
+            kc = smallest_min_norm_weights(Un, k1.detach().cpu().numpy(), rel_tol)
+            k[idx] = torch.as_tensor(kc, dtype=G.dtype, device=G.device)
     inv = torch.where(nz, k / safe, torch.zeros_like(k))
     total = inv.sum()
     uniform = torch.full_like(norms, 1.0 / T)
-    return torch.where(total > 0, inv / total.clamp_min(tiny), uniform)
+    c = torch.where(total > 0, inv / total.clamp_min(tiny), uniform)
+    return c.to(out_dtype)
 
 
 class Central(WeightedAggregator):
@@ -76,6 +109,13 @@ class Central(WeightedAggregator):
         super().__init__()
         self.method = method
         self.iters = iters
+
+    def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
+        # G accumulated and v = c^T J summed in float64 (see UPGrad): a float32 G rounds the unit
+        # Gramian to ~1e-7, and eq. 3's minimum moves by that much, the direction by its root.
+        c = central_weights(gramian64(J), self.method, self.iters)
+        self.weights = c.to(J.dtype)
+        return combine64(c, J)
 
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
                   dtype: torch.dtype, device: torch.device) -> Tensor:
