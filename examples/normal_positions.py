@@ -25,7 +25,7 @@ How cleanly the families separate depends on the seed: with the default seed all
 fall into their family's group; over seeds 0-4 NORMAL had the best mean accuracy in 4 of 5 and
 the within-family distances were always smaller than the across-family ones, but in some seeds a
 linear task settles next to the radial ones (a deep representation holding the radius and one
-direction serves it too).  See ``benchmarks/RESULTS.md`` for the numbers.
+direction serves it too).  The documentation's Reproductions page has the numbers.
 """
 
 from __future__ import annotations

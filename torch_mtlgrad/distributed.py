@@ -41,8 +41,9 @@ Without DDP, build the same model on every rank from the same seed (or pass
 ``broadcast=True`` to :func:`distribute`, the default, which copies rank 0's parameters).
 
 Sharded training (FSDP, DTensor parameters) is not supported yet and refused by
-:func:`distribute`; ``docs/robustness.md`` explains why and the Gramian-based path that would
-support it.
+:func:`distribute`: FSDP expects one backward per forward and hands back gradient shards, not
+per-task gradients.  The documentation's Robustness page describes the Gramian-based path that
+would support it.
 """
 
 from __future__ import annotations
@@ -305,8 +306,8 @@ def _check_not_sharded(params: Iterable[Tensor]) -> None:
         if (dtensor is not None and isinstance(p, dtensor)) or type(p).__name__ == "FlatParameter":
             raise NotImplementedError(
                 f"parameter {i} of the optimizer is sharded ({type(p).__name__}): FSDP / DTensor "
-                "training is not supported yet (see docs/robustness.md); use DDP, or keep the shared "
-                "encoder replicated"
+                "training is not supported yet (FSDP expects one backward per forward, the per-task "
+                "capture runs several); use DDP, or keep the shared encoder replicated"
             )
 
 

@@ -67,9 +67,9 @@ class BilevelSearch:
     pre-trained modules to :class:`SearchSpace`, whose specific copies then start from them).
     Adam normalises every alpha step, so noise-level differences between branches grow into
     decisions; ``torch.optim.SGD([alpha], lr=...)`` keeps the steps proportional to the
-    validation-loss gradient (``examples/conal_grouped_tasks.py`` uses it).  A few weight-only
-    steps before the first alpha step (call :meth:`weight_step` alone) let the copies train
-    before they are compared.
+    validation-loss gradient (the planted-groups run on the documentation's Reproductions page
+    uses it, lr 1).  A few weight-only steps before the first alpha step (call
+    :meth:`weight_step` alone) let the copies train before they are compared.
 
     Args:
         space: the search space.

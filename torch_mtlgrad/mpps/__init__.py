@@ -14,7 +14,7 @@
 * :mod:`~torch_mtlgrad.mpps.target` -- the target update.
 
 Usable with or without :class:`~torch_mtlgrad.MultiTaskOptimizer`; it imports nothing from it.
-The rules of the implementation, with the paper's equations, are in ``docs/mpps.md``.
+The rules of the implementation, with the paper's equations, are on the documentation's MPPS page.
 """
 
 from .ec import distribution_ec, layer_ec, neuron_ec, task_shares

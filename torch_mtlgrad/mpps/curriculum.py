@@ -4,7 +4,7 @@ Shi et al., *Deep Multitask Learning with Progressive Parameter Sharing* (ICCV 2
 and Algorithm 1: an EC scheduler sets, epoch by epoch, the exclusive capacity the target must
 have; at every course boundary the target is rebuilt from the learnt ``Phi`` (problem (4), see
 :func:`~torch_mtlgrad.mpps.target.update_target`).  :class:`Curriculum` is the part of
-:class:`~torch_mtlgrad.mpps.MPPS` that does this bookkeeping; see ``docs/mpps.md``.
+:class:`~torch_mtlgrad.mpps.MPPS` that does this bookkeeping; see the documentation's MPPS page.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 repeated ``T`` times) draw one mask per task and masked layer, and the hook on every masked layer
 multiplies its output by the active mask.  Outside those contexts, and for a layer in eval mode,
 the hooks pass the output through unchanged (the paper evaluates the full backbone; Shi et al.,
-ICCV 2023, section 4.1).  The rules are in ``docs/mpps.md``.
+ICCV 2023, section 4.1).  The rules are on the documentation's MPPS page.
 """
 
 from __future__ import annotations

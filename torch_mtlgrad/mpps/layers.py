@@ -3,7 +3,7 @@
 A neuron is an output channel of a convolution or an output feature of a ``Linear`` layer
 (Shi et al., *Deep Multitask Learning with Progressive Parameter Sharing*, ICCV 2023, section 3.3).
 The default selection is the backbone's last 6 ``Conv2d``/``Linear`` layers (the paper masks the
-last layers of the shared backbone, section 4.3.1).  See ``docs/mpps.md``.
+last layers of the shared backbone, section 4.3.1).  See the documentation's MPPS page.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ FAMILIES: tuple[str, ...] = ("bernoulli", "gaussian")
 
 def _logsigmoid(x: Tensor) -> Tensor:
     # -softplus(-x) == logsigmoid(x); F.logsigmoid is far slower on small CPU tensors with more
-    # than one intra-op thread (benchmarks/RESULTS.md, MPPS step cost, has the measurement).
+    # than one intra-op thread (about 4 ms against 1.5 us per call on a 6 x 2 tensor, torch 2.13).
     return -F.softplus(-x)
 
 

@@ -6,7 +6,7 @@ section 3.4: for task ``t``, its loss under its mask, plus ``beta`` times the cl
 surrogate whose *value* is zero and whose *gradient* is the score-function estimate of
 ``d E_m[L_t] / d phi[:, t]``.  :class:`TaskObjective` is the part of
 :class:`~torch_mtlgrad.mpps.MPPS` that builds it; the rules (KL over every neuron, the baseline,
-why each objective depends on its own ``phi[:, t]`` only) are in ``docs/mpps.md``.
+why each objective depends on its own ``phi[:, t]`` only) are on the documentation's MPPS page.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ the module comes from three parts: the hooks and the contexts that draw the mask
 (:mod:`~torch_mtlgrad.mpps.hooks`, with the layer selection in :mod:`~torch_mtlgrad.mpps.layers`),
 the eq. (3) objective (:mod:`~torch_mtlgrad.mpps.objective`) and the curriculum bookkeeping
 (:mod:`~torch_mtlgrad.mpps.curriculum`).  The choices the paper leaves open, and when to use the
-sequential or the batched form, are in ``docs/mpps.md``.
+sequential or the batched form, are on the documentation's MPPS page.
 """
 
 from __future__ import annotations
