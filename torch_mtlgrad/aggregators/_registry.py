@@ -16,8 +16,8 @@ Name forms: ``"<name>"``, ``"<name>+tension"`` (any gradient aggregator wrapped 
 tasks).  The suffixes come in that order, ``+tension`` then ``*T``; names are case- and
 whitespace-insensitive.
 
-Scale conventions (with the default arguments; each checked numerically on random ``J`` by
-``tests/aggregators/test_registry_names.py``):
+Scale conventions (with the default arguments; each checked numerically on random ``J`` by the
+test suite):
 
 * ``"sum"``: the direction has the scale of the sum of the task gradients: on every call, ``T``
   equal rows ``g`` give ``d = T g`` exactly, the step of ``sum(losses).backward()``.  ``sum``,
