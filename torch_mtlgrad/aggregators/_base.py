@@ -57,6 +57,17 @@ tasks before the call and :meth:`Aggregator._scatter` writes the updated slices 
 (filling never-seen tasks with the method's initial value), so a method's own code only ever
 sees ``T_present`` tasks.  Methods with state that is not a plain slice override the two hooks.
 
+Non-finite inputs.  :meth:`Aggregator.aggregate`, :meth:`WeightedAggregator.aggregate_gramian`
+and :meth:`WeightedAggregator.aggregate_losses` check that ``J`` (``G``) and the losses are finite
+before anything else happens (no state changes on a failed call): a NaN or inf raises
+:class:`~torch_mtlgrad._checks.NonFiniteError` (a ``FloatingPointError`` and a ``ValueError``)
+naming the task by its index among all tasks (with ``present=``), for every method alike.  The
+check costs one host-device synchronisation; pass ``check_finite=False`` to a call, or set the
+attribute ``agg.check_finite = False`` (on an instance or a class), to skip it: non-finite inputs
+then give whatever the method's arithmetic makes of them (NaN, or an error from a solver).
+:class:`~torch_mtlgrad.MultiTaskOptimizer` checks ``J`` itself under its ``nonfinite=`` policy.
+An aggregator called inside another's call (a wrapper's base) is not checked again.
+
 :func:`work_dtype` is the one rule for the dtype aggregation runs in.
 """
 
@@ -65,15 +76,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["Aggregation", "Aggregator", "Reads", "WeightedAggregator", "check_gramian",
-           "check_losses", "check_matrix", "check_present", "restrict_tensor", "scatter_tensor",
-           "work_dtype"]
+__all__ = ["Aggregation", "Aggregator", "Reads", "WeightedAggregator", "check_finite_input",
+           "check_gramian", "check_losses", "check_matrix", "check_present", "restrict_tensor",
+           "scatter_tensor", "work_dtype"]
 
 Reads = Literal["losses", "gramian", "jacobian"]
 
@@ -243,6 +255,66 @@ def scatter_tensor(full: Tensor | None, sub: Tensor, axes: tuple[int, ...], idx:
     return put(full, sub, axes)
 
 
+# True while an aggregator's call runs: an aggregator called inside it (a wrapper's base, e.g.
+# the tensioner's) does not check its inputs again (they are the outer call's, or derived from
+# them), so check_finite=False on the outer call means no synchronisation at all.
+_IN_CALL: ContextVar[bool] = ContextVar("torch_mtlgrad_aggregator_in_call", default=False)
+
+
+@contextmanager
+def _inner_calls() -> Iterator[None]:
+    token = _IN_CALL.set(True)
+    try:
+        yield
+    finally:
+        _IN_CALL.reset(token)
+
+
+def check_finite_input(x: Tensor, what: str, mask: Tensor | None = None) -> None:
+    """Raise :class:`~torch_mtlgrad._checks.NonFiniteError` when ``x`` has a NaN or inf.
+
+    ``x`` is ``J`` (``[T, D]``), ``G`` (``[T, T]``) or the losses (``[T]``) of a call, over the
+    present tasks when ``mask`` (the ``[T_total]`` bool mask of a call with ``present``) is
+    given; the message names the tasks by their index among all tasks.  A row of ``G`` is
+    blamed by its diagonal (``||g_t||^2``; a NaN row of ``J`` makes its column of ``G`` NaN
+    too, so every row of ``G`` then holds one), else by any entry.  One host synchronisation
+    (``bool(isfinite(x).all())``) when ``x`` is finite.
+
+    Example:
+        >>> check_finite_input(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), "J")
+        Traceback (most recent call last):
+        ...
+        torch_mtlgrad._checks.NonFiniteError: J is not finite (NaN or inf) at task 1 (row 1 of J): ...
+    """
+    if bool(torch.isfinite(x).all()):
+        return
+    from .._checks import NonFiniteError
+
+    ok = torch.isfinite(x)
+    if x.dim() == 1:
+        bad = ~ok
+    elif what == "G":
+        bad = ~torch.diagonal(ok)
+        if not bool(bad.any()):
+            bad = ~ok.all(dim=1)
+    else:
+        bad = ~ok.all(dim=1)
+    rows = bad.nonzero().flatten().tolist()
+    if mask is None:
+        tasks = rows
+    else:
+        idx = mask.nonzero().flatten().tolist()
+        tasks = [idx[r] for r in rows]
+    kind = "value" if x.dim() == 1 else "row"
+    verb = "are" if what == "losses" else "is"
+    where = ", ".join(f"task {t} ({kind} {r} of {what})" for t, r in zip(tasks, rows))
+    values = x[rows[0]] if x.dim() == 1 else x[rows[0]][~ok[rows[0]]][0]
+    raise NonFiniteError(
+        f"{what} {verb} not finite (NaN or inf) at {where}: e.g. {float(values)}.  Every entry must "
+        "be finite (look at that task's loss and gradient); to skip this check (it costs a "
+        "host-device synchronisation), pass check_finite=False or set agg.check_finite = False")
+
+
 TaskFill = float | Callable[[], float]
 
 
@@ -256,6 +328,10 @@ class Aggregator(ABC):
       the direction is then ``w^T J``).
     * ``needs_losses``: the method reads the loss values; calling it without them is an error.
     * ``stateful``: it keeps state between calls (returned by :meth:`state_dict`).
+
+    ``check_finite`` (class attribute, default ``True``; may be set on an instance): whether a
+    call checks its inputs for NaN/inf before running (see the module docstring).  A call's own
+    ``check_finite=False`` skips the check too.
 
     Attributes:
         weights: the last call's task weights (``None`` before the first call, or when the
@@ -274,6 +350,7 @@ class Aggregator(ABC):
     gramian_only: ClassVar[bool] = False
     needs_losses: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    check_finite: bool = True
     # Global indices of the present tasks during a call with ``present`` (else None).
     _subset_idx: Tensor | None = None
     _subset_total: int | None = None  # T_total during such a call
@@ -289,12 +366,18 @@ class Aggregator(ABC):
         return d
 
     def aggregate(self, J: Tensor, losses: Tensor | None = None, *,
-                  present: Tensor | Sequence[bool] | None = None) -> Aggregation:
+                  present: Tensor | Sequence[bool] | None = None,
+                  check_finite: bool = True) -> Aggregation:
         """Validate ``J`` (``[T, D]``) and the losses (``[T]`` or ``None``), then combine.
 
         ``present``: ``None`` (every task present), or one bool per task (``T_total``, at least
         one ``True``); ``J`` and the losses then hold the present tasks' rows only, in task
         order, and the weights come back with length ``T_total`` (0 at absent tasks).
+
+        ``check_finite``: a NaN/inf in ``J`` or the losses raises
+        :class:`~torch_mtlgrad._checks.NonFiniteError` naming the task, before any state
+        changes (one host synchronisation); ``False`` (or the attribute
+        ``self.check_finite = False``) skips the check.
 
         Example:
             >>> from torch_mtlgrad.aggregators import get
@@ -314,12 +397,22 @@ class Aggregator(ABC):
             lw = check_losses(losses, Jw.shape[0], Jw)
         elif self.needs_losses:
             raise ValueError(f"{type(self).__name__} needs the loss values: call agg(J, losses)")
-        if mask is None:
-            d = self.forward(Jw, lw)
-        else:
-            with self._present_call(mask):
+        if self._checks_finite(check_finite):
+            check_finite_input(Jw, "J", mask)
+            if lw is not None:
+                check_finite_input(lw, "losses", mask)
+        with _inner_calls():
+            if mask is None:
                 d = self.forward(Jw, lw)
+            else:
+                with self._present_call(mask):
+                    d = self.forward(Jw, lw)
         return Aggregation(d.to(out_dtype), self.weights, self.diagnostics)
+
+    def _checks_finite(self, check_finite: bool) -> bool:
+        """Whether this call checks its inputs: the call's and the instance's flags both on, and
+        not called inside another aggregator's call."""
+        return bool(check_finite) and bool(self.check_finite) and not _IN_CALL.get()
 
     @property
     def reads(self) -> Reads:
@@ -499,7 +592,8 @@ class WeightedAggregator(Aggregator):
         return w @ J
 
     def aggregate_gramian(self, G: Tensor, losses: Tensor | None = None, *,
-                          present: Tensor | Sequence[bool] | None = None) -> Aggregation:
+                          present: Tensor | Sequence[bool] | None = None,
+                          check_finite: bool = True) -> Aggregation:
         """The weights from the Gramian ``G = J J^T`` (``[T, T]``) alone, for callers that never
         build ``J`` (the direction ``w^T J`` is theirs to form, e.g. block by block with
         :mod:`~torch_mtlgrad.aggregators.blocks`): an :class:`Aggregation` with ``direction=None``.
@@ -509,7 +603,8 @@ class WeightedAggregator(Aggregator):
         as :meth:`aggregate` does (the same weights as ``aggregate(J)``, up to how ``G`` was
         rounded).  Only where
         :attr:`from_gramian` is true (else ``ValueError``).  ``present`` as in :meth:`aggregate`
-        (``G`` is then ``[T_present, T_present]``).
+        (``G`` is then ``[T_present, T_present]``); ``check_finite`` as in :meth:`aggregate`
+        (for ``G`` and the losses).
 
         Example:
             >>> from torch_mtlgrad.aggregators import get
@@ -526,16 +621,22 @@ class WeightedAggregator(Aggregator):
         if losses is None and self.needs_losses:
             raise ValueError(f"{type(self).__name__} needs the loss values: aggregate_gramian(G, losses)")
         lw = None if losses is None else check_losses(losses, T, G)
-        if mask is None:
-            self._weights_of(G if self.gramian_only else None, lw, T, G.dtype, G.device)
-        else:
-            with self._present_call(mask):
+        if self._checks_finite(check_finite):
+            check_finite_input(G, "G", mask)
+            if lw is not None:
+                check_finite_input(lw, "losses", mask)
+        with _inner_calls():
+            if mask is None:
                 self._weights_of(G if self.gramian_only else None, lw, T, G.dtype, G.device)
+            else:
+                with self._present_call(mask):
+                    self._weights_of(G if self.gramian_only else None, lw, T, G.dtype, G.device)
         return Aggregation(None, self.weights, self.diagnostics)
 
     def aggregate_losses(self, losses: Tensor | Sequence[float] | None = None, *, num_tasks: int,
                          dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                         present: Tensor | Sequence[bool] | None = None) -> Aggregation:
+                         present: Tensor | Sequence[bool] | None = None,
+                         check_finite: bool = True) -> Aggregation:
         """The weights of a method that reads only the losses (:attr:`reads` is ``"losses"``),
         without any gradient: the caller then runs one backward pass of ``sum_t w_t L_t``.
 
@@ -545,6 +646,7 @@ class WeightedAggregator(Aggregator):
         CPU).  The call counts as one step of a stateful method, exactly as :meth:`aggregate`.
         Returns an :class:`Aggregation` with ``direction=None`` and ``[num_tasks]`` weights (0 at
         absent tasks).  ``ValueError`` for a method whose weights read ``G`` or ``J``.
+        ``check_finite`` as in :meth:`aggregate` (for the losses).
 
         Example:
             >>> from torch_mtlgrad.aggregators import get
@@ -585,11 +687,14 @@ class WeightedAggregator(Aggregator):
             raise ValueError(f"{type(self).__name__} needs the loss values: "
                              "aggregate_losses(losses, num_tasks=...)")
         lw = None if losses is None else check_losses(losses, T, like)
-        if mask is None:
-            self._weights_of(None, lw, T, like.dtype, like.device)
-        else:
-            with self._present_call(mask):
+        if lw is not None and self._checks_finite(check_finite):
+            check_finite_input(lw, "losses", mask)
+        with _inner_calls():
+            if mask is None:
                 self._weights_of(None, lw, T, like.dtype, like.device)
+            else:
+                with self._present_call(mask):
+                    self._weights_of(None, lw, T, like.dtype, like.device)
         return Aggregation(None, self.weights, self.diagnostics)
 
     def _weights_of(self, G: Tensor | None, losses: Tensor | None, T: int, dtype: torch.dtype,
