@@ -16,39 +16,54 @@ drift.  Task-specific gradients are averaged in the same collective.
 per step (``J``, the loss values and the task-specific gradients copied into one flat buffer that
 is reused between steps); :func:`distribute` attaches it to a :class:`MultiTaskOptimizer`.
 
+Automatic: ``distributed="auto"``
+---------------------------------
+A :class:`~torch_mtlgrad.MultiTaskOptimizer` built with the default ``distributed="auto"`` does
+this on its own: at its first step (or before it loads a checkpoint), when a process group of
+more than one rank is initialised and :func:`distribute` was not called, it attaches the same
+:class:`JacobianAllReduce` (first among the plugins) and logs it once at ``logging.INFO``
+(:func:`first_step`).  It does not broadcast parameters then (the first forward has already run on
+them, and they are saved for the backward); it checks once that the replicas hold the same
+parameters and refuses the step if not.  ``distributed=False`` opts out; a process group uses
+that group.
+
 With ``DistributedDataParallel``
 --------------------------------
 The optimizer computes per-task gradients with ``torch.autograd.grad``, which never runs the
-``AccumulateGrad`` nodes that DDP's reducer hooks into, so DDP does not all-reduce them; a
-legacy loop (``loss_t.backward()`` per task, several backward passes per forward) *would* trigger
-DDP's reducer and fail ("mark a variable ready only once").  Run the forward and the backward
-passes inside ``ddp.no_sync()`` in both cases: DDP then neither prepares nor expects a
-reduction, but still broadcasts the parameters at construction and the buffers (BatchNorm
-statistics) at every forward::
+``AccumulateGrad`` nodes that DDP's reducer hooks into, so DDP reduces nothing and raises
+nothing: without the all-reduce of ``J`` every rank would step on its own slice.  A legacy loop
+(``loss_t.backward()`` per task, several backward passes per forward) *does* trigger DDP's
+reducer after a forward outside ``no_sync()``, which fails ("mark a variable ready only once").
+At its first step the optimizer finds the DDP modules that own its parameters and, after each of
+their forwards outside ``no_sync()``, tells their reducer to expect no gradient (DDP otherwise
+runs as usual: buffers are broadcast from rank 0 at every forward).  So the plain loop works::
 
     ddp = DistributedDataParallel(model)
     opt = MultiTaskOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1),
                              shared=ddp.module.encoder, aggregator="mgda")
-    distribute(opt)                           # all-reduce J, losses, task-specific grads
     for x, ys in loader:
         opt.zero_grad()
-        with ddp.no_sync():
-            losses = [loss_fn(out, y) for out, y in zip(ddp(x), ys)]
-            opt.backward(losses)
+        losses = [loss_fn(out, y) for out, y in zip(ddp(x), ys)]
+        opt.backward(losses)
         opt.step()
+
+and so does the same loop with the forward and ``opt.backward`` inside ``ddp.no_sync()`` (DDP
+then prepares no reduction; it broadcasts buffers only at the first forward).  With
+``DistributedDataParallel(static_graph=True)`` only ``opt.backward`` outside ``no_sync()`` works;
+the other two are refused at the first step with the fix in the message.
 
 Without DDP, build the same model on every rank from the same seed (or pass
 ``broadcast=True`` to :func:`distribute`, the default, which copies rank 0's parameters).
 
-Sharded training (FSDP, DTensor parameters) is not supported yet and refused by
-:func:`distribute`: FSDP expects one backward per forward and hands back gradient shards, not
-per-task gradients.  The documentation's Robustness page describes the Gramian-based path that
-would support it.
+Equal per-rank batch sizes are assumed (each rank's losses weigh ``1 / N``).  Sharded training
+(FSDP, DTensor parameters) is not supported yet and refused; the documentation's Distributed
+training page explains why and the Gramian-based path that would support it.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sys
 from collections.abc import Iterable
@@ -60,9 +75,9 @@ from torch import Tensor, nn
 
 from .aggregators import work_dtype
 from .capture.layout import FlatLayout
-from .optimizer import MultiTaskOptimizer
 
-__all__ = ["JacobianAllReduce", "broadcast_parameters", "distribute", "task_specific_parameters"]
+__all__ = ["JacobianAllReduce", "broadcast_parameters", "distribute", "first_step",
+           "task_specific_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +326,46 @@ def _check_not_sharded(params: Iterable[Tensor]) -> None:
             )
 
 
+def _is_multitask(optimizer: Any) -> bool:
+    """``isinstance(optimizer, MultiTaskOptimizer)`` without importing the optimizer's module
+    (it imports this one): an instance exists only once that module is loaded."""
+    cls = getattr(sys.modules.get(f"{__package__}.optimizer"), "MultiTaskOptimizer", None)
+    return cls is not None and isinstance(optimizer, cls)
+
+
+def _unique_params(optimizer: Any) -> list[Tensor]:
+    seen: set[int] = set()
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _check_distributable(optimizer: Any) -> None:
+    if optimizer.capture == "representation":
+        raise ValueError(
+            "capture='representation' cannot be distributed: its encoder backward is local to each "
+            "rank after aggregation; use capture='feature' (exact, and as cheap on the heads)"
+        )
+    _check_not_sharded(_unique_params(optimizer))
+
+
+def _attach(optimizer: Any, process_group: Any) -> JacobianAllReduce:
+    """Insert a bound :class:`JacobianAllReduce` first and the step pre-hook that averages the
+    task-specific gradients when ``synchronize`` did not (what :func:`distribute` does)."""
+    plugin = JacobianAllReduce(process_group)
+    optimizer.add_plugin(plugin, first=True)  # binds it: every rank checks D
+
+    def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
+        plugin.reduce_gradients(task_specific_parameters(opt))
+
+    optimizer.register_step_pre_hook(pre_hook)
+    return plugin
+
+
 def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = True) -> JacobianAllReduce:
     """Make a :class:`~torch_mtlgrad.MultiTaskOptimizer` data-parallel over ``process_group``.
 
@@ -320,8 +375,11 @@ def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = T
     ``JacobianAllReduce.synchronize``.  With ``broadcast=True`` (default) rank 0's values of all
     the optimizer's parameters are copied to every rank first.
 
-    Call it on every rank, once, right after building the optimizer and before loading a
-    checkpoint (the plugin's state is empty, but the optimizer checks the number of plugins).
+    The optimizer's default ``distributed="auto"`` does the same at its first step (without the
+    broadcast, see :func:`first_step`); calling ``distribute`` is then only needed for the
+    broadcast, another process group, or to be explicit.  Call it on every rank, once, right
+    after building the optimizer and before loading a checkpoint (the plugin's state is empty,
+    but the optimizer checks the number of plugins).
 
     Returns the plugin.
 
@@ -331,27 +389,160 @@ def distribute(optimizer: Any, process_group: Any = None, *, broadcast: bool = T
                                  aggregator="central+tension")
         distribute(opt)
     """
-    if not isinstance(optimizer, MultiTaskOptimizer):
+    if not _is_multitask(optimizer):
         raise TypeError(f"distribute() takes a MultiTaskOptimizer, got {type(optimizer).__name__}")
-    if optimizer.capture == "representation":
-        raise ValueError(
-            "capture='representation' cannot be distributed: its encoder backward is local to each "
-            "rank after aggregation; use capture='feature' (exact, and as cheap on the heads)"
-        )
+    _check_distributable(optimizer)
     if any(isinstance(p, JacobianAllReduce) for p in optimizer.plugins):
         raise ValueError("this optimizer is already distributed (it has a JacobianAllReduce plugin)")
-    _check_not_sharded(p for g in optimizer.param_groups for p in g["params"])
-    plugin = JacobianAllReduce(process_group)
-    optimizer.add_plugin(plugin, first=True)  # binds it: every rank checks D
+    plugin = _attach(optimizer, process_group)
     if broadcast:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        seen: set[int] = set()
-        unique = [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
-        broadcast_parameters(unique, process_group)
-
-    def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
-        plugin.reduce_gradients(task_specific_parameters(opt))
-
-    optimizer.register_step_pre_hook(pre_hook)
+        broadcast_parameters(_unique_params(optimizer), process_group)
     log.debug("distributed %r over %d ranks", optimizer, plugin.world_size)
     return plugin
+
+
+# -- distributed="auto": what the optimizer does at its first step ------------------------------
+def _ddp_class() -> Any:
+    mod = sys.modules.get("torch.nn.parallel.distributed")  # no import: no DDP exists otherwise
+    return getattr(mod, "DistributedDataParallel", None)
+
+
+def _ddp_modules(optimizer: Any, setting: Any) -> list[nn.Module]:
+    """The DistributedDataParallel modules that own any of the optimizer's parameters: the one
+    given as ``distributed=``, else found among the live objects (one scan, at the first step)."""
+    cls = _ddp_class()
+    if cls is None:
+        return []
+    if isinstance(setting, cls):
+        return [setting]
+    mine = {id(p) for p in _unique_params(optimizer)}
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, cls) and any(id(p) in mine for p in obj.module.parameters()):
+            found.append(obj)
+    return found
+
+
+def _check_replicas(optimizer: Any, process_group: Any) -> None:
+    """One collective: refuse a first step whose replicas hold different parameters (each
+    parameter's float64 sum and norm, compared as a max and a min over the ranks)."""
+    params = [p for p in _unique_params(optimizer) if p.is_floating_point()]
+    if not params:
+        return
+    device = params[0].device
+    with torch.no_grad():
+        f = torch.stack([s.to(device) for p in params
+                         for s in (p.sum(dtype=torch.float64),
+                                   torch.linalg.vector_norm(p, dtype=torch.float64))])
+    both = torch.cat([f, -f])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
+    hi, lo = both[: f.numel()], -both[f.numel():]
+    tol = 1e-6 * torch.maximum(hi.abs(), lo.abs()) + 1e-12
+    bad = ((hi - lo) > tol).nonzero()
+    if bad.numel():
+        i = int(bad[0]) // 2
+        raise RuntimeError(
+            f"the replicas' parameters differ at the first step (parameter {i} of the optimizer, "
+            f"shape {tuple(params[i].shape)}): the data-parallel step (distributed='auto') would "
+            "keep them apart. Build the model from the same seed on every rank, wrap it in "
+            "DistributedDataParallel (which copies rank 0's at construction), or call "
+            "torch_mtlgrad.distributed.distribute(opt) (it broadcasts rank 0's) before the first "
+            "forward; distributed=False trains each rank on its own"
+        )
+
+
+def _reducer_expects_gradients(ddp: Any) -> bool:
+    """True after a forward outside ``no_sync()`` with autograd on: DDP's reducer then waits for
+    the gradient hooks of its parameters (DDP sets ``require_forward_param_sync`` exactly then)."""
+    return bool(getattr(ddp, "require_forward_param_sync", False))
+
+
+def _release_reducer(ddp: Any, *args: Any) -> None:
+    """A forward hook on the DDP module: after a forward outside ``no_sync()``, reset the reducer
+    so that it expects no gradient hooks this iteration (the optimizer reduces ``J`` itself)."""
+    if _reducer_expects_gradients(ddp):
+        ddp.reducer._reset_state()
+
+
+def _adopt_ddp(ddp: Any, when: str) -> None:
+    """Make ``ddp``'s reducer stay out of the optimizer's backward passes, from this step on, or
+    refuse a configuration DDP itself cannot run, with what to change."""
+    if getattr(ddp, "static_graph", False):
+        # static_graph runs an all-reduce callback at the first backward that needs the reducer
+        # prepared (a forward outside no_sync) and expects exactly one backward per forward.
+        if when == "task":
+            raise RuntimeError(
+                "DistributedDataParallel(static_graph=True) cannot run a legacy loop "
+                "(several backward passes per forward): use opt.backward(losses) instead of the "
+                "opt.task(t) blocks, or build DistributedDataParallel without static_graph=True")
+        if not _reducer_expects_gradients(ddp) and not getattr(
+                ddp, "_static_graph_delay_allreduce_enqueued", True):
+            raise RuntimeError(
+                "DistributedDataParallel(static_graph=True) fails in its reducer when the first "
+                "forward runs inside ddp.no_sync() (an internal assert in its first backward): "
+                "remove the `with ddp.no_sync():` (MultiTaskOptimizer needs none), or build "
+                "DistributedDataParallel without static_graph=True")
+        return  # an autograd.grad backward never triggers its hooks: nothing else to do
+    if getattr(ddp, "_mtlgrad_release", None) is not None:
+        return  # another optimizer on this module already did it
+    if not hasattr(getattr(ddp, "reducer", None), "_reset_state"):
+        if when == "task" and _reducer_expects_gradients(ddp):
+            raise RuntimeError(
+                "this torch's DistributedDataParallel reducer cannot be told to skip a step: run "
+                "the forward and the opt.task(t) blocks inside `with ddp.no_sync():`")
+        return
+    if _reducer_expects_gradients(ddp):
+        ddp.reducer._reset_state()  # this step's forward has already run
+    ddp._mtlgrad_release = ddp.register_forward_hook(_release_reducer)
+
+
+def first_step(optimizer: Any, setting: Any = "auto", when: str = "backward") -> bool:
+    """What a :class:`~torch_mtlgrad.MultiTaskOptimizer`'s ``distributed=`` setting does at the
+    first step (``when="backward"`` or ``"task"``, the call that starts it) and before a
+    checkpoint loads (``when="load"``).  Returns ``True`` once nothing is left to do.
+
+    * ``setting=False``: nothing.
+    * Otherwise, when ``torch.distributed`` is initialised: the process group is ``setting`` if
+      it is one, the group of the DistributedDataParallel module owning the optimizer's
+      parameters if there is exactly one (found among the live objects, or ``setting`` itself),
+      else the default group.  With more than one rank and no :class:`JacobianAllReduce` yet
+      (:func:`distribute` not called), one is attached as :func:`distribute` does, without the
+      broadcast, and ``logging.INFO`` says so; at the step (not at ``"load"``, when the model may
+      not be loaded yet) one more collective checks that the replicas' parameters agree.
+    * Once the optimizer is distributed (either way) and DDP modules own its parameters, their
+      reducers are told after each forward outside ``no_sync()`` to expect no gradient (DDP's
+      own all-reduce cannot serve per-task gradients, and a legacy loop's backward passes would
+      make it fail); DDP's buffer broadcast still runs.  Configurations DDP itself cannot run
+      (``static_graph=True`` with a legacy loop or a first forward inside ``no_sync()``) are
+      refused with what to change.
+
+    Every rank must reach its first step (the collectives above run on all of them).
+    """
+    if setting is False or not (dist.is_available() and dist.is_initialized()):
+        return True
+    ddps = _ddp_modules(optimizer, setting)
+    plugin = next((p for p in optimizer.plugins if isinstance(p, JacobianAllReduce)), None)
+    if plugin is None:
+        if isinstance(setting, dist.ProcessGroup):
+            group = setting
+        elif len(ddps) == 1:
+            group = ddps[0].process_group
+        else:
+            group = None
+        if dist.get_world_size(group) == 1:
+            return True
+        _check_distributable(optimizer)
+        plugin = _attach(optimizer, group)
+        plugin.auto = True  # type: ignore[attr-defined]
+        log.info(
+            "MultiTaskOptimizer: a process group of %d ranks is initialised: averaging J, the "
+            "losses and the task-specific gradients over them in one all_reduce per step "
+            "(distributed='auto'%s); pass distributed=False to opt out", plugin.world_size,
+            ", DistributedDataParallel's reducer set aside" if ddps else "")
+    if when == "load":
+        return False
+    if getattr(plugin, "auto", False):
+        _check_replicas(optimizer, plugin.process_group)
+    for ddp in ddps:
+        _adopt_ddp(ddp, when)
+    return True

@@ -145,6 +145,12 @@ class MultiTaskOptimizer(WrappedOptimizer):
             and ``losses`` only; ``"full"`` asks for the gradient ones too (and pays for ``J``).
             ``False``: none.  With absent tasks, per-task entries have NaN at the absent ones
             and ``present`` says which.
+        distributed: ``"auto"`` (default): at the first step (or before a checkpoint loads),
+            when a ``torch.distributed`` process group of more than one rank is initialised and
+            ``distribute()`` was not called, attach its all-reduce of ``J`` (logged once at INFO;
+            DDP modules owning the parameters need no ``no_sync()``); see
+            :func:`torch_mtlgrad.distributed.first_step`.  ``False``: never.  A process group, or
+            the ``DistributedDataParallel`` module: use its group.
 
     Absent tasks: ``opt.backward([loss_0, None, loss_2])`` (or ``present=``) combines the tasks
     present, in their places; an absent task's specific parameters get no gradient and stateful
@@ -189,9 +195,15 @@ class MultiTaskOptimizer(WrappedOptimizer):
         nonfinite: str = "raise",
         diagnostics: bool | str = True,
         scaler: Any = None,
+        distributed: Any = "auto",
     ) -> None:
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("optimizer is already a MultiTaskOptimizer")
+        if not (distributed is False or (isinstance(distributed, str) and distributed == "auto") or (
+                torch.distributed.is_available() and isinstance(distributed, (
+                    torch.distributed.ProcessGroup, nn.parallel.DistributedDataParallel)))):
+            raise ValueError("distributed must be 'auto', False, a torch.distributed process group "
+                             f"or a DistributedDataParallel module, got {distributed!r}")
         check_arguments(optimizer, num_tasks, scaler)
         policy = NonFinitePolicy(nonfinite)
         if diagnostics not in (True, False, "full"):
@@ -236,6 +248,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._accumulation: Accumulation | None = None  # micro-batches added, not yet combined
         self._captured = False  # a task was captured since the last step(): not a plain backward
         self._warned_plain = False
+        self._distributed, self._distributed_ready = distributed, False
         warn_all_shared(len(self.task_specific_parameters()))
         for plugin in plugins:
             self.add_plugin(plugin)
@@ -378,6 +391,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
             >>> opt.diagnostics["weights"][1].item(), heads[1].weight.grad is None
             (0.0, True)
         """
+        if not self._distributed_ready:
+            self._maybe_distribute("backward")
         check_frozen(self._frozen)
         losses, tasks, T = check_losses(losses, self.num_tasks, present)
         if self._hooks.pending:
@@ -461,6 +476,12 @@ class MultiTaskOptimizer(WrappedOptimizer):
         if self._finish(captured):
             self._selector.record(plan, captured.seconds)
 
+    def _maybe_distribute(self, when: str) -> None:
+        """``distributed=`` at the first step: :func:`torch_mtlgrad.distributed.first_step`."""
+        from .distributed import first_step  # not at the top: distributed builds on this module
+
+        self._distributed_ready = first_step(self, self._distributed, when)
+
     def _grads_before(self) -> Captured:
         """An empty capture holding the shared ``.grad`` as they are (for a write of NaN)."""
         return Captured("losses", None, [], [], [p.grad for p in self.layout.params])
@@ -482,6 +503,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
         shared ``.grad`` hold the plain sum until then, and a step whose ``.grad`` were changed
         in between (``clip_grad_norm_``) is refused with an error.
         """
+        if not self._distributed_ready:
+            self._maybe_distribute("task")
         if loss is not None:
             check_loss(t, loss)
         if self._accumulation is not None:
@@ -606,6 +629,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
         other shared parameters or another aggregator is an error (nothing is loaded then)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if not self._distributed_ready:  # distributed='auto' attaches its plugin before loading
+            self._maybe_distribute("load")
         sd = dict(state_dict)
         mine = sd.pop(_checkpoint.STATE_KEY, None)
         parts: list[tuple[Callable[[], Any], Callable[[Any], None], Any]] = [
