@@ -175,7 +175,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, jobs: list[tup
     try:
         for key, fn, args in jobs:
             try:
-                results[key] = globals()[fn](rank, *args)
+                results[key] = (fn if callable(fn) else globals()[fn])(rank, *args)
             except Exception:  # noqa: BLE001  (reported by the parent, with the traceback)
                 results[key] = "ERROR\n" + traceback.format_exc()
             dist.barrier()
