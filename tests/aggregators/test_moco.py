@@ -177,3 +177,20 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="unknown keys"):
         agg.load_state_dict({"nope": 1})
     assert isinstance(get("moco", gamma=0.2), MoCo)
+
+
+def test_defaults_constant_tracking_step_and_old_schedule_reachable() -> None:
+    """Default beta_k = 0.9 at every step (constant: the paper's two-time-scale analysis keeps
+    the tracking step large against a constant model step); the former (LibMTL) schedule
+    beta_k = 0.5 / sqrt(k) is MoCo(beta=0.5, beta_sigma=0.5)."""
+    J = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    new, old = MoCo(), MoCo(beta=0.5, beta_sigma=0.5)
+    for k in range(1, 6):
+        new(J)
+        old(J)
+        assert float(new.diagnostics["beta_k"]) == pytest.approx(0.9)
+        assert float(old.diagnostics["beta_k"]) == pytest.approx(0.5 / k**0.5)
+        assert float(new.diagnostics["gamma_k"]) == pytest.approx(0.1 / k**0.5)
+    # with a constant step y converges to a fixed J geometrically: 1 - 0.1**5
+    assert torch.allclose(new.y, (1 - 0.1**5) * J)
+    assert new.normalize == "none"
