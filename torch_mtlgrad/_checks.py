@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._errors import NonFiniteError
 from ._stack import user_stacklevel
 from .capture.layout import FlatLayout
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 NONFINITE = ("raise", "skip", "unchecked")
 
 
-class NonFiniteError(FloatingPointError, ValueError):
-    """A NaN/Inf loss or task gradient under ``nonfinite="raise"`` (names the task)."""
 
 
 def resolve_shared(shared: Any) -> tuple[list[Tensor], list[str], list[tuple[Tensor, str]]]:

@@ -9,6 +9,9 @@ non-finite value makes it build ``J``, to name the task.  The loss-only route as
 its weights before the capture (:meth:`Combiner.loss_weights`) and checks the one backward's
 gradients after it.  Nothing is written here: the outcome says what the write-back stage writes.
 
+The method is called with ``check_finite=False``: this stage has applied the non-finite policy
+already (and ``nonfinite="unchecked"`` must not synchronise).
+
 Tasks absent from a step (``None`` losses) have no row: the method runs on the present rows and
 is told which tasks they are (``present=``); per-task diagnostics are scattered back to all ``T``
 tasks with NaN at the absent ones, and ``diagnostics["present"]`` says which.
@@ -147,8 +150,8 @@ class Combiner:
     def _aggregate(self, J: Tensor, values: Tensor | None, c: Captured) -> Any:
         present = c.present()
         if present is None:
-            return self.aggregator.aggregate(J, values)
-        return self.aggregator.aggregate(J, values, present=present.to(J.device))
+            return self.aggregator.aggregate(J, values, check_finite=False)
+        return self.aggregator.aggregate(J, values, present=present.to(J.device), check_finite=False)
 
     # -- The loss-only route -------------------------------------------------------------------
     def loss_weights(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Any:
@@ -159,7 +162,7 @@ class Combiner:
         agg = self.aggregator
         present = self._keep_state(values, num_tasks, tasks)
         return agg.aggregate_losses(values, num_tasks=num_tasks, dtype=values.dtype,
-                                    device=values.device, present=present)
+                                    device=values.device, present=present, check_finite=False)
 
     def norm_weights(self, norms: Tensor, values: Tensor, num_tasks: int,
                      tasks: list[int] | None) -> Any:
@@ -305,9 +308,10 @@ class Combiner:
                 self.zero_rows(c.task_of((torch.diagonal(G) == 0).nonzero().flatten().tolist()))
         present = c.present()
         if present is None:
-            result = self.aggregator.aggregate_gramian(G, lw)
+            result = self.aggregator.aggregate_gramian(G, lw, check_finite=False)
         else:
-            result = self.aggregator.aggregate_gramian(G, lw, present=present.to(G.device))
+            result = self.aggregator.aggregate_gramian(G, lw, present=present.to(G.device),
+                                                       check_finite=False)
         w = result.weights
         assert w is not None
         if c.tasks is not None:  # the weights of all T tasks; the blocks have the present rows

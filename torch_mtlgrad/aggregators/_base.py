@@ -60,7 +60,7 @@ sees ``T_present`` tasks.  Methods with state that is not a plain slice override
 Non-finite inputs.  :meth:`Aggregator.aggregate`, :meth:`WeightedAggregator.aggregate_gramian`
 and :meth:`WeightedAggregator.aggregate_losses` check that ``J`` (``G``) and the losses are finite
 before anything else happens (no state changes on a failed call): a NaN or inf raises
-:class:`~torch_mtlgrad._checks.NonFiniteError` (a ``FloatingPointError`` and a ``ValueError``)
+:class:`~torch_mtlgrad.NonFiniteError` (a ``FloatingPointError`` and a ``ValueError``)
 naming the task by its index among all tasks (with ``present=``), for every method alike.  The
 check costs one host-device synchronisation; pass ``check_finite=False`` to a call, or set the
 attribute ``agg.check_finite = False`` (on an instance or a class), to skip it: non-finite inputs
@@ -271,7 +271,7 @@ def _inner_calls() -> Iterator[None]:
 
 
 def check_finite_input(x: Tensor, what: str, mask: Tensor | None = None) -> None:
-    """Raise :class:`~torch_mtlgrad._checks.NonFiniteError` when ``x`` has a NaN or inf.
+    """Raise :class:`~torch_mtlgrad.NonFiniteError` when ``x`` has a NaN or inf.
 
     ``x`` is ``J`` (``[T, D]``), ``G`` (``[T, T]``) or the losses (``[T]``) of a call, over the
     present tasks when ``mask`` (the ``[T_total]`` bool mask of a call with ``present``) is
@@ -284,11 +284,11 @@ def check_finite_input(x: Tensor, what: str, mask: Tensor | None = None) -> None
         >>> check_finite_input(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), "J")
         Traceback (most recent call last):
         ...
-        torch_mtlgrad._checks.NonFiniteError: J is not finite (NaN or inf) at task 1 (row 1 of J): ...
+        torch_mtlgrad._errors.NonFiniteError: J is not finite (NaN or inf) at task 1 (row 1 of J): ...
     """
     if bool(torch.isfinite(x).all()):
         return
-    from .._checks import NonFiniteError
+    from .._errors import NonFiniteError
 
     ok = torch.isfinite(x)
     if x.dim() == 1:
@@ -375,7 +375,7 @@ class Aggregator(ABC):
         order, and the weights come back with length ``T_total`` (0 at absent tasks).
 
         ``check_finite``: a NaN/inf in ``J`` or the losses raises
-        :class:`~torch_mtlgrad._checks.NonFiniteError` naming the task, before any state
+        :class:`~torch_mtlgrad.NonFiniteError` naming the task, before any state
         changes (one host synchronisation); ``False`` (or the attribute
         ``self.check_finite = False``) skips the check.
 
