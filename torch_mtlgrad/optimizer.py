@@ -85,7 +85,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
             ``"sum"``; ``"mean"``, ``"mgda"``, ``"central"``, ``"<name>+tension"``; see
             :func:`torch_mtlgrad.aggregators.available`).  Methods differ in scale: a convex
             combination (mean, MGDA, ...) steps the shared parameters about ``1/T`` as far as
-            the sum; the README's methods table gives each method's convention.
+            the sum; ``aggregators.scale_convention(name)`` gives each method's convention
+            (``"<name>*T"`` rescales a convex one to the sum's scale).
         num_tasks: T, if known up front (else taken from the first step and then fixed).  When
             known, a legacy loop's direction is computed as soon as its last task's backward ends,
             so ``clip_grad_norm_`` between the loop and ``step()`` sees it; a legacy step whose
