@@ -27,6 +27,12 @@ Methods (row keys, selectable with ``--methods``):
   ``auto:mgda+diag`` the same with ``diagnostics=True`` (what diagnostics cost);
   ``auto:mgda+unchecked`` with ``nonfinite="unchecked"`` (no host-device sync for the finiteness
   check); ``auto:upgrad`` our UPGrad, to set beside TorchJD's.
+* ``loop:mean``, ``auto:mean``, ``loop:dwa``, ``auto:dwa``: methods whose weights read only the
+  loss values.  ``capture="auto"`` takes the loss-only route (no ``J``: one backward of
+  ``sum_t w_t L_t``, then one of ``sum_t L_t`` restricted to the heads; the note column says it
+  ran as ``'losses'``), ``capture="loop"`` the old route that builds ``J`` task by task.  The
+  full comparison (every loss-only method, an MLP as well, 1 and 2 threads, GradNorm at one layer)
+  is ``benchmarks/loss_only_speed.py``.
 * ``representation:mgda``: the representation-gradient approximation (MGDA-UB style);
   ``representation:mgda-pgd`` with the fixed-iteration on-device min-norm solver
   (``MinNorm(method="pgd")``) instead of the exact host solver.
@@ -289,7 +295,7 @@ class Method:
     build: Callable[[Setup], Step]
     ref: str | None = None  # key of the row whose .grad this one is compared with
     exact: bool = True  # computes the exact J (not an approximation)
-    family: str = "ours"  # "baseline" | "ours" | "torchjd" | "libmtl"
+    family: str = "ours"  # "baseline" | "ours" | "loss-only" | "torchjd" | "libmtl"
 
 
 def _sum_step(setup: Setup) -> Step:
@@ -424,6 +430,15 @@ def methods() -> list[Method]:
                _ours("auto", "mgda", True, nonfinite="unchecked"), ref="loop:mgda"),
         Method("auto:upgrad", "ours default, upgrad", _ours("auto", "upgrad", True)),
         Method("timed:mgda", "ours timed, mgda", _ours("timed", "mgda", True), ref="loop:mgda"),
+    ]
+    for agg in ("mean", "dwa"):
+        rows += [
+            Method(f"loop:{agg}", f"ours loop (builds J), {agg}", _ours("loop", agg, False),
+                   family="loss-only"),
+            Method(f"auto:{agg}", f"ours default (auto, loss-only), {agg}", _ours("auto", agg, False),
+                   ref=f"loop:{agg}", family="loss-only"),
+        ]
+    rows += [
         Method("representation:mgda", "ours representation, mgda (approx.)",
                _ours("representation", "mgda", True), ref="loop:mgda", exact=False),
         Method("representation:mgda-pgd", "ours representation, mgda pgd solver (approx.)",
@@ -771,7 +786,8 @@ def check_bars(result: Result) -> list[str]:
     """The project's speed and memory goals, each with PASS / FAIL / n/a and the numbers behind it.
 
     On the CPU: the default exact mode no slower than TorchJD with the same aggregator, at every
-    T; the representation mode within 1.5x of ``sum().backward()``; peak memory of the default
+    T; the loss-only route (``auto:mean``, ``auto:dwa``) within 1.15x of ``sum().backward()``;
+    the representation mode within 1.5x of ``sum().backward()``; peak memory of the default
     mode no higher than TorchJD's.  On a GPU: our best exact mode faster than TorchJD's best at
     every T, by at least 25% at the largest T.  Time bars are judged on the elapsed median; on the
     CPU the same comparison on the CPU-time median follows in brackets.
@@ -807,7 +823,14 @@ def check_bars(result: Result) -> list[str]:
             if a.peak_mib is not None and b.peak_mib is not None:
                 out.append(f"- T={T}: memory {ours} {a.peak_mib:.0f} MiB vs {theirs} {b.peak_mib:.0f} MiB: "
                            f"{verdict(a.peak_mib <= b.peak_mib)}")
-        rep, base = get(T, "representation:mgda"), get(T, "sum")
+        base = get(T, "sum")
+        for key in ("auto:mean", "auto:dwa"):
+            a = get(T, key)
+            if a is not None and base is not None:
+                x = a.median / base.median
+                out.append(f"- T={T}: {key} (loss-only route) {x:.2f}x sum() (bar 1.15x): "
+                           f"{verdict(x <= 1.15)}" + also_cpu(a, base, lambda v: v <= 1.15))
+        rep = get(T, "representation:mgda")
         if rep is not None and base is not None:
             x = rep.median / base.median
             out.append(f"- T={T}: representation:mgda {x:.2f}x sum() (bar 1.5x): {verdict(x <= 1.5)}"

@@ -123,3 +123,14 @@ def test_peak_memory_sees_an_allocation():
     del x
     peak = mem.stop()
     assert peak is not None and 48 <= peak <= 64 * 4
+
+
+def test_loss_only_rows_take_the_loss_only_route(tiny_result):
+    # auto:mean / auto:dwa run without J (the note names the route) and give the loop's step.
+    for key in ("auto:mean", "auto:dwa"):
+        r = next(r for r in tiny_result.rows if r.key == key)
+        assert r.error is None, r.error
+        assert "'losses'" in r.note, r.note
+        assert r.rel_diff is not None and r.rel_diff < 1e-4, (key, r.rel_diff)
+    bars = ss.check_bars(tiny_result)
+    assert any("auto:mean (loss-only route)" in b for b in bars)
