@@ -220,14 +220,20 @@ def nonfinite_loss(values: Tensor | None, tasks: Sequence[int] | None = None) ->
 
 
 def all_finite(first: Tensor, values: Tensor | None, grads: Sequence[Tensor | None] | None) -> bool:
-    """``first`` (a 0-d bool: the check of ``J`` or ``G``) and finite loss values and summed
-    task-specific gradients (each by its sum: a NaN/Inf makes it non-finite), in one host
-    synchronisation.  A sum of finite values that overflows reads as not finite: callers then
-    look closer."""
+    """``first`` (a 0-d bool: the check of ``J`` or ``G``) and finite loss values and
+    gradients (each by its largest absolute value, one multi-tensor kernel for all of them: a
+    NaN/Inf makes it non-finite, finite values never overflow), in one host synchronisation.
+    When ``first`` comes from a sum (the row sums of ``J``), a sum of finite values that
+    overflows reads as not finite: callers then look closer."""
     ok = [first]
     if values is not None:
         ok.append(torch.isfinite(values).all())
-    ok += [torch.isfinite(g.sum()) for g in grads or () if g is not None]
+    gs = [g for g in grads or () if g is not None]
+    if gs:
+        peaks = torch._foreach_norm(gs, float("inf"))
+        if len({p.dtype for p in peaks}) > 1 or len({p.device for p in peaks}) > 1:
+            peaks = [p.to(first.device, torch.float32) for p in peaks]
+        ok.append(torch.isfinite(torch.stack(peaks)).all())
     return bool(torch.stack([o.to(first.device) for o in ok]).all())
 
 

@@ -230,6 +230,6 @@ class SharedGrads:
             elif g is None:
                 continue
             elif p.grad is None:
-                p.grad = g.to(p.dtype)
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
             else:
                 p.grad.add_(g)
