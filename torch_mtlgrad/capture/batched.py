@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._kernels import RowStats, fill_rows_fused
+from .compiled import explain_batched_failure, through_compiled
 from .layout import FlatLayout
 from .loop import Acc, accumulate, wanted_stats
 
@@ -40,8 +41,17 @@ def batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor
     Two implementations, chosen by device because each measured the faster one there
     (``benchmarks/RESULTS.md``, step speed): on CUDA ``torch.vmap`` over ``autograd.grad`` (as
     TorchJD runs it); elsewhere ``autograd.grad(..., is_grads_batched=True)`` (PyTorch's own
-    batching rule per backward op).
+    batching rule per backward op).  Neither runs through a ``torch.compile``'d region: the
+    error then says so (:func:`~.compiled.explain_batched_failure`).
     """
+    try:
+        return _batched_grad(outputs, inputs, grad_outputs, retain_graph)
+    except (RuntimeError, NotImplementedError) as err:
+        raise explain_batched_failure(err, outputs) from err
+
+
+def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor,
+                  retain_graph: bool) -> tuple[Tensor | None, ...]:
     if grad_outputs.device.type != "cuda":
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
                                     allow_unused=True, is_grads_batched=True)
@@ -72,6 +82,7 @@ def write_rows(layout: FlatLayout, J: Tensor, a: int, b: int, grads: Sequence[Te
                     **wanted_stats(stats))
 
 
+@through_compiled
 def capture_batched(losses: Sequence[Tensor], layout: FlatLayout, specific: Sequence[Tensor], J: Tensor,
                     retain_graph: bool = False, chunk_size: int | None = None,
                     stats: RowStats | None = None) -> Acc:

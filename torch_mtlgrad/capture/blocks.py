@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._kernels import fill_rows_fused
 from .batched import batched_grad, one_hot_rows
+from .compiled import through_compiled
 from .feature import feature_gradients
 from .layout import FlatLayout
 from .loop import Acc, accumulate
@@ -17,6 +18,7 @@ from .loop import Acc, accumulate
 __all__ = ["batched_shared_grads", "jacobian_from_blocks"]
 
 
+@through_compiled
 def batched_shared_grads(losses: Sequence[Tensor], layout: FlatLayout, specific: Sequence[Tensor],
                          features: Tensor | None = None,
                          retain_graph: bool = False) -> tuple[list[Tensor | None], Acc]:

@@ -14,12 +14,14 @@ from torch import Tensor
 
 from ._kernels import RowStats
 from .batched import batched_grad, chunks, write_rows
+from .compiled import check_features, through_compiled
 from .layout import FlatLayout
 from .loop import Acc, accumulate
 
 __all__ = ["capture_feature", "feature_gradients"]
 
 
+@through_compiled
 def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequence[Tensor],
                       dtype: torch.dtype) -> tuple[Tensor, Acc]:
     """``Z`` ([T, *features.shape], row t = d loss_t / d features) and the summed specific grads.
@@ -29,7 +31,8 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequ
     one-hot weightings of the losses), so the work does not grow with T^2; on the CPU, or where
     vmap cannot run, one backward per task for the features only (it measured cheaper there,
     ``benchmarks/RESULTS.md``).  Then one plain backward of the summed losses for the heads'
-    parameters.
+    parameters.  Features that come out of a ``torch.compile``'d region which also computes the
+    losses are refused (:func:`~.compiled.check_features`).
 
     Example:
         >>> z = torch.randn(3, 2, requires_grad=True)
@@ -37,6 +40,7 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequ
         >>> Z.shape, bool((Z[0] == 1).all())
         (torch.Size([2, 3, 2]), True)
     """
+    check_features(losses, features)
     acc: Acc = [None] * len(specific)
     T = len(losses)
     L = torch.stack([loss.reshape(()) for loss in losses])
@@ -64,6 +68,7 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequ
     return Z, acc
 
 
+@through_compiled
 def capture_feature(losses: Sequence[Tensor], features: Tensor, layout: FlatLayout,
                     specific: Sequence[Tensor], J: Tensor, retain_graph: bool = False,
                     chunk_size: int | None = None, stats: RowStats | None = None) -> Acc:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._kernels import RowStats, fill_row_fused
+from .compiled import through_compiled
 from .layout import FlatLayout
 
 __all__ = ["Acc", "accumulate", "capture_loop", "wanted_stats"]
@@ -37,6 +38,7 @@ def wanted_stats(stats: RowStats | None) -> dict[str, bool]:
             "check": stats is not None and stats.nonfinite is not None}
 
 
+@through_compiled
 def capture_loop(losses: Sequence[Tensor], layout: FlatLayout, specific: Sequence[Tensor], J: Tensor,
                  retain_graph: bool = False,
                  stats: RowStats | None = None) -> tuple[Acc, list[int]]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .compiled import through_compiled
 from .layout import FlatLayout
 
 __all__ = ["encoder_vjp"]
 
 
+@through_compiled
 def encoder_vjp(features: Tensor, direction: Tensor, layout: FlatLayout, out: Tensor,
                 retain_graph: bool = False) -> None:
     """``out`` ([D]) <- gradient of ``<features, direction>`` with respect to the shared parameters.

@@ -12,6 +12,7 @@ from ._kernels import RowStats, triton_available
 from .batched import capture_batched
 from .blocks import batched_shared_grads
 from .captured import CaptureBuffers, Captured, zero_rows
+from .compiled import DonatedBufferError, through_compiled
 from .feature import capture_feature, feature_gradients
 from .layer import layer_norms
 from .layout import FlatLayout
@@ -62,6 +63,8 @@ class Capturer:
         if plan.mode in ("batched", "feature"):
             try:
                 out = self._batched(plan, losses, values, features, specific, prior, norms, checked)
+            except DonatedBufferError:  # not a vmap limit: the loop cannot run either
+                raise
             except (RuntimeError, NotImplementedError) as err:
                 plan = self.selector.fall_back(plan, err)
             else:
@@ -79,14 +82,14 @@ class Capturer:
         (``scale``: GradScaler's, applied to the sums)."""
         prior = [p.grad for p in self.layout.params]
         start = time.perf_counter()
-        shared, grads = capture_weighted(losses, weights, self.layout, specific, plan.retain_graph,
-                                         scale)
+        shared, grads = through_compiled(capture_weighted)(losses, weights, self.layout, specific,
+                                                           plan.retain_graph, scale)
         return Captured("losses", values, specific, grads, prior, shared=shared,
                         seconds=time.perf_counter() - start)
 
     def norms(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """Each task's gradient norm over ``params`` (one layer), for GradNorm's route."""
-        return layer_norms(losses, params, self.buffers.dtype)
+        return through_compiled(layer_norms)(losses, params, self.buffers.dtype)
 
     def _stats(self, T: int, norms: bool, checked: bool) -> RowStats | None:
         # Off the Triton kernel NaN/Inf counts would cost extra passes over J: the check stage
