@@ -554,3 +554,24 @@ def test_gradnorm_layer_not_on_whole_parameters_takes_the_jacobian_route() -> No
     x, ys = data(0)
     opt.backward(mse(net(x), ys))
     assert opt.last_capture == "loop"
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "central", "imtlg", "pcgrad"])
+def test_diagnostics_from_the_methods_gramian_equal_those_from_j(name: str) -> None:
+    from torch_mtlgrad.diagnostics import step_diagnostics
+
+    torch.manual_seed(13)
+    net = Net().double()
+    opt = build(net, get(name, seed=0) if name == "pcgrad" else name, capture="loop")
+    x, ys = data(0)
+    losses = mse(net(x.double()), [y.double() for y in ys])
+    opt.backward([losses[0], None, losses[2]])
+    J = opt.jacobian  # the present tasks' rows
+    d = torch.cat([p.grad.flatten() for p in net.encoder.parameters()])
+    ref = step_diagnostics(J, d, opt.diagnostics["weights"][[0, 2]])
+    got = opt.diagnostics
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(got["grad_norms"][keep], ref["grad_norms"])
+    torch.testing.assert_close(got["cosine"][keep][:, keep], ref["cosine"])
+    torch.testing.assert_close(got["angle"][keep], ref["angle"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got["direction_norm"], ref["direction_norm"])

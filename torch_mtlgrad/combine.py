@@ -269,7 +269,7 @@ class Combiner:
             d_params = d_params * scale
         diag = None
         if self.diagnostics:
-            diag = step_diagnostics(Jw, d, result.weights)
+            diag = self._step_diagnostics(Jw, d, result, c)
             if stats is not None and stats.sq_norms is not None:
                 sq = stats.sq_norms if scale is None else stats.sq_norms / scale.square()
                 diag["param_grad_norms"] = sq.sqrt()
@@ -277,6 +277,19 @@ class Combiner:
             diag.update(result.diagnostics)
             diag.update(plugin_diagnostics(self.plugins))
         return Outcome(direction=d_params, diagnostics=diag)
+
+    @staticmethod
+    def _step_diagnostics(J: Tensor, d: Tensor, result: Any, c: Captured) -> dict[str, Tensor]:
+        """The step's diagnostics; from the method's own ``G`` and ``w`` when it formed ``G`` on
+        the way and ``d = w^T J`` (``J d = G w``, ``||d||^2 = w^T G w``: no second ``J J^T``)."""
+        G, w = result.gramian, result.weights
+        if G is None or w is None:
+            return step_diagnostics(J, d, w)
+        if c.tasks is not None:  # w covers all T tasks, G the present rows
+            w = w[torch.tensor(c.tasks, dtype=torch.long, device=w.device)]
+        diag = {k: v.to(J.dtype) for k, v in gramian_step_diagnostics(G, w.to(G.dtype)).items()}
+        diag["weights"] = result.weights
+        return diag
 
     # -- Per-parameter blocks (the Gramian path) --------------------------------------------------
     def _from_blocks(self, c: Captured) -> Outcome:

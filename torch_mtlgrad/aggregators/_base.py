@@ -105,11 +105,15 @@ class Aggregation:
             :meth:`WeightedAggregator.aggregate_gramian`, which never sees ``J``.
         weights: ``[T]`` task weights when ``d = w^T J`` (else ``None``).
         diagnostics: the method's own tensors (e.g. ``c`` and ``delta`` for tensioners).
+        gramian: ``G = J J^T`` of the rows the call combined, when the method formed it on the
+            way (``None`` otherwise), so that a caller's diagnostics (cosines, norms, each row's
+            angle to ``d = w^T J``, from ``G`` and ``w``) need not form it again.
     """
 
     direction: Tensor | None
     weights: Tensor | None
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    gramian: Tensor | None = None
 
 
 def check_matrix(J: Tensor) -> Tensor:
@@ -358,6 +362,7 @@ class Aggregator(ABC):
     def __init__(self) -> None:
         self.weights: Tensor | None = None
         self.diagnostics: dict[str, Tensor] = {}
+        self.gramian: Tensor | None = None  # G of the last call's rows, when it formed it
 
     def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
         """The direction ``d`` (``[D]``, in ``J``'s dtype): :meth:`aggregate`'s ``direction``."""
@@ -401,13 +406,14 @@ class Aggregator(ABC):
             check_finite_input(Jw, "J", mask)
             if lw is not None:
                 check_finite_input(lw, "losses", mask)
+        self.gramian = None
         with _inner_calls():
             if mask is None:
                 d = self.forward(Jw, lw)
             else:
                 with self._present_call(mask):
                     d = self.forward(Jw, lw)
-        return Aggregation(d.to(out_dtype), self.weights, self.diagnostics)
+        return Aggregation(d.to(out_dtype), self.weights, self.diagnostics, self.gramian)
 
     def _checks_finite(self, check_finite: bool) -> bool:
         """Whether this call checks its inputs: the call's and the instance's flags both on, and
@@ -589,6 +595,7 @@ class WeightedAggregator(Aggregator):
         G = J @ J.T if self.gramian_only else None
         w = self.weighting(G, losses, num_tasks=J.shape[0], dtype=J.dtype, device=J.device)
         self.weights = w
+        self.gramian = G
         return w @ J
 
     def aggregate_gramian(self, G: Tensor, losses: Tensor | None = None, *,

@@ -113,8 +113,10 @@ class Central(WeightedAggregator):
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
         # G accumulated and v = c^T J summed in float64 (see UPGrad): a float32 G rounds the unit
         # Gramian to ~1e-7, and eq. 3's minimum moves by that much, the direction by its root.
-        c = central_weights(gramian64(J), self.method, self.iters)
+        G = gramian64(J)
+        c = central_weights(G, self.method, self.iters)
         self.weights = c.to(J.dtype)
+        self.gramian = G
         return combine64(c, J)
 
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,

@@ -81,8 +81,10 @@ class ConeWeighting(WeightedAggregator):
         raise NotImplementedError
 
     def forward(self, J: Tensor, losses: Tensor | None) -> Tensor:
-        w64, lam = self._weights64(gramian64(J))
+        G = gramian64(J)
+        w64, lam = self._weights64(G)
         self.weights = w64.to(J.dtype)
+        self.gramian = G
         self.diagnostics = {"lam": lam.to(J.dtype)}
         return combine64(w64, J)
 
