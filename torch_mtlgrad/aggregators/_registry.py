@@ -306,8 +306,8 @@ def get(name: str, **kwargs: Any) -> Aggregator:
         >>> from torch_mtlgrad.aggregators import get
         >>> get("mgda+tension", alpha=0.5)
         Tensioned(MinNorm(normalization='none', method='auto'), alpha=0.5, window=10)
-        >>> get("Nash-MTL")
-        NashMTL(max_norm=1.0, update_weights_every=1, optim_niter=20, solver='CLARABEL')
+        >>> type(get("Nash-MTL")).__name__
+        'NashMTL'
         >>> get("mgda*T")
         Rescaled(MinNorm(normalization='none', method='auto'))
     """
