@@ -177,3 +177,14 @@ def test_bad_input():
         block.positions[1] = float("inf")
     with pytest.raises(ValueError, match="task 1 is not finite"):
         block(torch.randn(2, 3))
+
+
+def test_initial_values_stay_exact_through_a_cast_to_float64() -> None:
+    block = TimeAwareODE(4, 2, positions_init=[0.7, 1.3], omega_init=0.1).double()
+    assert block.positions.tolist() == [0.7, 1.3]
+    assert block.omega.item() == 0.1
+    trained = TimeAwareODE(4, 2, positions_init=[0.7, 1.3])
+    with torch.no_grad():
+        trained.positions.add_(0.25)  # changed since: the cast keeps its float32 values
+    kept = trained.positions.detach().double()
+    assert torch.equal(trained.double().positions.detach(), kept)

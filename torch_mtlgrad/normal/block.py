@@ -113,7 +113,8 @@ class TimeAwareODE(nn.Module):
         self.u = _mlp(kind, features, hidden, negative_slope)
         self.g = _mlp(kind, features, hidden, negative_slope)
         self.omega = nn.Parameter(torch.tensor(float(omega_init)))
-        init = torch.as_tensor(positions_init, dtype=torch.get_default_dtype()).detach().clone()
+        exact = torch.as_tensor(positions_init, dtype=torch.float64).detach().clone()
+        init = exact.to(torch.get_default_dtype())
         if init.dim() == 0:
             init = init.expand(num_tasks).clone()
         if init.shape != (num_tasks,):
@@ -123,6 +124,22 @@ class TimeAwareODE(nn.Module):
         if not torch.isfinite(init).all():
             raise ValueError(f"positions_init must be finite, got {init.tolist()}")
         self.positions = nn.Parameter(init)
+        # The initial values as given, so that a cast to float64 before training keeps them exact
+        # (a float32 parameter would otherwise carry 0.7 as 0.699999988).
+        self._exact_init = {"positions": exact.expand(num_tasks).clone(),
+                            "omega": torch.tensor(float(omega_init), dtype=torch.float64)}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        before = {name: getattr(self, name).detach().clone() for name in self._exact_init}
+        out = super()._apply(fn, recurse)
+        for name, exact in self._exact_init.items():
+            p, old = getattr(self, name), before[name]
+            untouched = old.device.type != "meta" and torch.equal(
+                old.cpu(), exact.to(old.dtype))  # still the initial value, rounded
+            if untouched and p.dtype == torch.float64 and p.device.type != "meta":
+                with torch.no_grad():
+                    p.copy_(exact.to(p.device))
+        return out
 
     @staticmethod
     def _check_hyper(step_size: float, xi: float, max_steps: int) -> None:
