@@ -1,7 +1,7 @@
 """Speed and peak memory of one multi-task step: torch_mtlgrad's capture modes against
 ``sum(losses).backward()``, TorchJD and a LibMTL-style loop (the same script runs on a GPU).
 
-Setup (the issue's): a shared encoder, one linear head per task, a batch of 64 inputs of
+Setup (the reference setup): a shared encoder, one linear head per task, a batch of 64 inputs of
 3 x 64 x 64, T = 3, 10, 40.  The encoder is torchvision's ResNet-18 up to its average pool
 (512 features, ``fc`` replaced by the identity) where torchvision is installed, else the built-in
 :class:`ConvNet` (four stride-2 3x3 conv + BatchNorm + ReLU blocks, then an average pool).  Each
@@ -71,7 +71,7 @@ and LibMTL's Frank-Wolfe MGDA are approximations and show by how much.
 
 Usage::
 
-    python benchmarks/step_speed.py                      # the issue's setup (GPU if present)
+    python benchmarks/step_speed.py                      # the reference setup (GPU if present)
     python benchmarks/step_speed.py --quick --threads 1  # CPU: smaller input, see --help
     python benchmarks/step_speed.py --methods sum,auto:mgda,torchjd:mgda --tasks 40 --rounds 3
     python benchmarks/step_speed.py --out /tmp/step_speed.md     # also write the report
@@ -113,7 +113,7 @@ Step = Callable[[], None]
 class Config:
     """What one benchmark run measures.
 
-    The defaults are the issue's setup: T = 3, 10, 40, a batch of 64 inputs of 3 x 64 x 64,
+    The defaults are the reference setup: T = 3, 10, 40, a batch of 64 inputs of 3 x 64 x 64,
     ResNet-18 where torchvision is installed (``model="auto"``), 20 timed steps after 5 of
     warm-up.
 

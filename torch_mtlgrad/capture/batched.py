@@ -39,7 +39,7 @@ def batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor
     respect to ``inputs``; ``None`` for unused inputs.
 
     Two implementations, chosen by device because each measured the faster one there
-    (``benchmarks/RESULTS.md``, step speed): on CUDA ``torch.vmap`` over ``autograd.grad`` (as
+    (the documentation's Performance page): on CUDA ``torch.vmap`` over ``autograd.grad`` (as
     TorchJD runs it); elsewhere ``autograd.grad(..., is_grads_batched=True)`` (PyTorch's own
     batching rule per backward op).  Neither runs through a ``torch.compile``'d region: the
     error then says so (:func:`~.compiled.explain_batched_failure`).

@@ -30,7 +30,7 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor, specific: Sequ
     kept.  On CUDA one batched backward through the heads for the features (``torch.vmap`` over
     one-hot weightings of the losses), so the work does not grow with T^2; on the CPU, or where
     vmap cannot run, one backward per task for the features only (it measured cheaper there,
-    ``benchmarks/RESULTS.md``).  Then one plain backward of the summed losses for the heads'
+    the documentation's Performance page).  Then one plain backward of the summed losses for the heads'
     parameters.  Features that come out of a ``torch.compile``'d region which also computes the
     losses are refused (:func:`~.compiled.check_features`).
 
