@@ -141,7 +141,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
             tensor diagnostics as ``"<PluginClass>.<name>"``, e.g.
             ``"ConflictNoticing.conflict_pstar"``; with ``opt.backward`` also
             ``param_grad_norms`` (``[T, P]``: the norm of each task's gradient of each shared
-            parameter, as captured, before plugins).  Costs one more ``J J^T``.  A method whose
+            parameter, as captured, before plugins).  Costs one more ``J J^T`` unless the
+            method formed ``G`` itself (MGDA, UPGrad, the other Gramian methods).  A method whose
             weights read only the losses builds no ``J``: its diagnostics are then ``weights``
             and ``losses`` only; ``"full"`` asks for the gradient ones too (and pays for ``J``).
             ``False``: none.  With absent tasks, per-task entries have NaN at the absent ones
