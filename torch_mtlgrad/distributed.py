@@ -418,7 +418,8 @@ def _ddp_modules(optimizer: Any, setting: Any) -> list[nn.Module]:
     mine = {id(p) for p in _unique_params(optimizer)}
     found = []
     for obj in gc.get_objects():
-        if isinstance(obj, cls) and any(id(p) in mine for p in obj.module.parameters()):
+        # type(), not isinstance(): the scan meets dead weak proxies, whose __class__ raises
+        if issubclass(type(obj), cls) and any(id(p) in mine for p in obj.module.parameters()):
             found.append(obj)
     return found
 
