@@ -508,7 +508,7 @@ def test_every_method_with_random_presence_equals_the_method_on_present_rows(nam
         opt.step()
         _reference_step(ref, ref_agg, x, ys, keep, lr=0.02)
         torch.testing.assert_close(flat(net), flat(ref), rtol=1e-9, atol=1e-11,
-                                   msg=lambda m: f"{name}, step {step}, present {keep}: {m}")
+                                   msg=lambda m, s=step, k=keep: f"{name}, step {s}, present {k}: {m}")
 
 
 # -- GradNorm at one layer: T small backward passes for the norms, then one weighted backward ------
@@ -575,3 +575,17 @@ def test_diagnostics_from_the_methods_gramian_equal_those_from_j(name: str) -> N
     torch.testing.assert_close(got["cosine"][keep][:, keep], ref["cosine"])
     torch.testing.assert_close(got["angle"][keep], ref["angle"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got["direction_norm"], ref["direction_norm"])
+
+
+def test_gradnorm_norms_that_are_not_finite_raise_before_any_state_changes() -> None:
+    from torch_mtlgrad import NonFiniteError
+    from torch_mtlgrad.aggregators.gradnorm import GradNorm
+
+    agg = GradNorm(layer=(0, 2))
+    agg.aggregate_norms(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+    state = copy.deepcopy(agg.state_dict())
+    with pytest.raises(NonFiniteError, match="norms are not finite .* task 1"):
+        agg.aggregate_norms(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 1.0]))
+    assert str(agg.state_dict()) == str(state)
+    agg.aggregate_norms(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 1.0]),
+                        check_finite=False)  # the caller's own policy: no check, no sync

@@ -46,8 +46,9 @@ class Outcome:
     Exactly one of: ``skip`` (the non-finite policy skipped the step: nothing is written),
     ``overflow`` (a GradScaler overflow: NaN goes into the shared ``.grad`` so that
     ``scaler.step`` skips and ``scaler.update`` lowers the scale), ``direction`` (``[D]``, times
-    the GradScaler scale) or ``weights`` with ``blocks`` (the Gramian path: ``d = w^T J`` is
-    written parameter by parameter; under GradScaler the blocks are scaled, so is ``d``).
+    the GradScaler scale), ``weights`` with ``blocks`` (the Gramian path: ``d = w^T J`` is
+    written parameter by parameter; under GradScaler the blocks are scaled, so is ``d``) or
+    ``shared`` (the loss-only route: the one backward's gradient of each shared parameter).
     """
 
     skip: bool = False
@@ -169,7 +170,7 @@ class Combiner:
         """GradNorm's route: the weights from the task gradients' norms at its layer and the
         losses, kept for :meth:`undo_weights` as :meth:`loss_weights` does."""
         present = self._keep_state(values, num_tasks, tasks)
-        return self.aggregator.aggregate_norms(norms, values, present=present)
+        return self.aggregator.aggregate_norms(norms, values, present=present, check_finite=False)
 
     def _keep_state(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Tensor | None:
         agg = self.aggregator

@@ -310,7 +310,7 @@ def check_finite_input(x: Tensor, what: str, mask: Tensor | None = None) -> None
         idx = mask.nonzero().flatten().tolist()
         tasks = [idx[r] for r in rows]
     kind = "value" if x.dim() == 1 else "row"
-    verb = "are" if what == "losses" else "is"
+    verb = "are" if what in ("losses", "norms") else "is"
     where = ", ".join(f"task {t} ({kind} {r} of {what})" for t, r in zip(tasks, rows))
     values = x[rows[0]] if x.dim() == 1 else x[rows[0]][~ok[rows[0]]][0]
     raise NonFiniteError(

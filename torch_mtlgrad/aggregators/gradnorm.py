@@ -42,7 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Aggregation, WeightedAggregator, check_losses, check_present, work_dtype
+from ._base import (
+    Aggregation,
+    WeightedAggregator,
+    check_finite_input,
+    check_losses,
+    check_present,
+    work_dtype,
+)
 from ._learned import LearnedVector, OptimizerName
 
 __all__ = ["GradNorm"]
@@ -87,12 +94,11 @@ class GradNorm(WeightedAggregator):
         super().__init__()
         if not (isinstance(alpha, (int, float)) and alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
-        if layer is not None:
-            if not (isinstance(layer, tuple) and len(layer) == 2 and all(isinstance(x, int)
-                                                                         for x in layer)
-                    and 0 <= layer[0] < layer[1]):
-                raise ValueError(f"layer must be a (start, end) pair of column indices with "
-                                 f"0 <= start < end, got {layer!r}")
+        if layer is not None and not (isinstance(layer, tuple) and len(layer) == 2
+                                      and all(isinstance(x, int) for x in layer)
+                                      and 0 <= layer[0] < layer[1]):
+            raise ValueError(f"layer must be a (start, end) pair of column indices with "
+                             f"0 <= start < end, got {layer!r}")
         self.alpha = float(alpha)
         self.layer = layer
         self._w = LearnedVector(optimizer, lr)
@@ -128,13 +134,15 @@ class GradNorm(WeightedAggregator):
         :meth:`aggregate_norms`); else ``"gramian"`` (the diagonal of ``G``)."""
         return "gramian" if self.layer is None else "layer"
 
-    def aggregate_norms(self, norms: Tensor, losses: Tensor, *,
-                        present: Tensor | None = None) -> Aggregation:
+    def aggregate_norms(self, norms: Tensor, losses: Tensor, *, present: Tensor | None = None,
+                        check_finite: bool = True) -> Aggregation:
         """The weights of this call from the task gradients' norms ``||g_i||`` over the
         ``layer=`` columns (``[T]``, or the present tasks' only with ``present=``), for a caller
         that never builds ``J`` (the optimizer takes ``layer``'s gradients by one small backward
         per task, then one backward of ``sum_i w_i L_i``).  The same step as :meth:`aggregate`
-        on a ``J`` with those norms; ``direction`` is ``None``.
+        on a ``J`` with those norms; ``direction`` is ``None``.  Non-finite norms or losses raise
+        :class:`~torch_mtlgrad.NonFiniteError` before any state changes, as in :meth:`aggregate`
+        (``check_finite=False`` skips the check).
 
         Example:
             >>> a, b = GradNorm(layer=(0, 1)), GradNorm(layer=(0, 1))
@@ -150,6 +158,9 @@ class GradNorm(WeightedAggregator):
         T = norms.shape[0]
         mask = check_present(present, T, self._known_num_tasks())
         lw = check_losses(losses, T, norms)
+        if self._checks_finite(check_finite):
+            check_finite_input(norms, "norms", mask)
+            check_finite_input(lw, "losses", mask)
         if mask is None:
             self.weights = self._update(norms, lw, T, norms.dtype, norms.device)
         else:
