@@ -31,6 +31,7 @@ from ._checks import NonFinitePolicy, ZeroRowWarning, all_finite, find_nonfinite
 from .aggregators import Aggregator
 from .aggregators.blocks import block_matrices, block_row_norms, gramian_of_blocks
 from .capture import CaptureBuffers, Captured, RowStats, jacobian_from_blocks
+from .capture.captured import present_mask
 from .diagnostics import gramian_step_diagnostics, step_diagnostics
 from .plugins import call_hook, has_hook, plugin_diagnostics
 
@@ -88,9 +89,7 @@ def scatter_tasks(diag: dict[str, Tensor], tasks: list[int] | None, T: int) -> d
         else:
             full[i.unsqueeze(1), i.unsqueeze(0)] = v
         out[key] = full
-    present = torch.zeros(T, dtype=torch.bool)
-    present[idx] = True
-    out["present"] = present
+    out["present"] = present_mask(tasks, T)
     return out
 
 
@@ -149,10 +148,7 @@ class Combiner:
                     "task's row of J): pass every task's loss, or drop the plugin")
 
     def _aggregate(self, J: Tensor, values: Tensor | None, c: Captured) -> Any:
-        present = c.present()
-        if present is None:
-            return self.aggregator.aggregate(J, values, check_finite=False)
-        return self.aggregator.aggregate(J, values, present=present.to(J.device), check_finite=False)
+        return self.aggregator.aggregate(J, values, present=c.present(J.device), check_finite=False)
 
     # -- The loss-only route -------------------------------------------------------------------
     def loss_weights(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Any:
@@ -175,11 +171,7 @@ class Combiner:
     def _keep_state(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Tensor | None:
         agg = self.aggregator
         self._snapshot = copy.deepcopy(agg.state_dict()) if agg.stateful else None
-        if tasks is None:
-            return None
-        present = torch.zeros(num_tasks, dtype=torch.bool, device=values.device)
-        present[tasks] = True
-        return present
+        return present_mask(tasks, num_tasks, values.device)
 
     def undo_weights(self) -> None:
         """Put the method's state back as it was before :meth:`loss_weights`."""
@@ -286,8 +278,7 @@ class Combiner:
         G, w = result.gramian, result.weights
         if G is None or w is None:
             return step_diagnostics(J, d, w)
-        if c.tasks is not None:  # w covers all T tasks, G the present rows
-            w = w[torch.tensor(c.tasks, dtype=torch.long, device=w.device)]
+        w = c.present_rows(w)  # w covers all T tasks, G the present rows
         diag = {k: v.to(J.dtype) for k, v in gramian_step_diagnostics(G, w.to(G.dtype)).items()}
         diag["weights"] = result.weights
         return diag
@@ -320,16 +311,11 @@ class Combiner:
                                                    zero_rows=[]))
             if self.policy.checked:
                 self.zero_rows(c.task_of((torch.diagonal(G) == 0).nonzero().flatten().tolist()))
-        present = c.present()
-        if present is None:
-            result = self.aggregator.aggregate_gramian(G, lw, check_finite=False)
-        else:
-            result = self.aggregator.aggregate_gramian(G, lw, present=present.to(G.device),
-                                                       check_finite=False)
+        result = self.aggregator.aggregate_gramian(G, lw, present=c.present(G.device),
+                                                   check_finite=False)
         w = result.weights
         assert w is not None
-        if c.tasks is not None:  # the weights of all T tasks; the blocks have the present rows
-            w = w[torch.tensor(c.tasks, dtype=torch.long, device=w.device)]
+        w = c.present_rows(w)  # the weights of all T tasks; the blocks have the present rows
         diag = None
         if self.diagnostics:
             diag = gramian_step_diagnostics(G, w)

@@ -12,7 +12,7 @@ from ..aggregators import work_dtype
 from ._kernels import RowStats
 from .layout import FlatLayout
 
-__all__ = ["CaptureBuffers", "Captured", "zero_rows"]
+__all__ = ["CaptureBuffers", "Captured", "present_mask", "zero_rows"]
 
 
 def zero_rows(J: Tensor) -> list[int]:
@@ -93,13 +93,30 @@ class Captured:
         """The task index of each of these rows."""
         return rows if self.tasks is None else [self.tasks[r] for r in rows]
 
-    def present(self) -> Tensor | None:
+    def present(self, device: torch.device | None = None) -> Tensor | None:
         """``[T]`` bools, true where the task is present (``None``: all are)."""
+        return present_mask(self.tasks, self.num_tasks, device)
+
+    def present_rows(self, per_task: Tensor) -> Tensor:
+        """A ``[T]`` tensor over all tasks (e.g. the weights) restricted to the present rows."""
         if self.tasks is None:
-            return None
-        mask = torch.zeros(self.num_tasks, dtype=torch.bool)
-        mask[self.tasks] = True
-        return mask
+            return per_task
+        return per_task[torch.tensor(self.tasks, dtype=torch.long, device=per_task.device)]
+
+
+def present_mask(tasks: list[int] | None, num_tasks: int,
+                 device: torch.device | None = None) -> Tensor | None:
+    """``[num_tasks]`` bools, true at ``tasks`` (``None``: every task is present).
+
+    Example:
+        >>> present_mask([0, 2], 3).tolist(), present_mask(None, 3)
+        ([True, False, True], None)
+    """
+    if tasks is None:
+        return None
+    mask = torch.zeros(num_tasks, dtype=torch.bool, device=device)
+    mask[tasks] = True
+    return mask
 
 
 class CaptureBuffers:
