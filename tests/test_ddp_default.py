@@ -27,7 +27,14 @@ from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.distributed import JacobianAllReduce, distribute
 
 from ._helpers import Net, T, data
-from .test_distributed import aggregator, flat, losses_of, pytestmark, run_workers  # noqa: F401
+from .test_distributed import (  # noqa: F401
+    aggregator,
+    backward,
+    flat,
+    losses_of,
+    pytestmark,
+    run_workers,
+)
 
 STEPS = 8
 BATCH = 16
@@ -56,15 +63,6 @@ def make(name: str, seed: int, *, bn: bool = False) -> nn.Module:
 def optimizer(params: Any, encoder: nn.Module, name: str, **kw: Any) -> MultiTaskOptimizer:
     return MultiTaskOptimizer(torch.optim.SGD(params, lr=0.05, momentum=0.9), shared=encoder,
                               aggregator=aggregator(name), **kw)
-
-
-def backward(opt: MultiTaskOptimizer, losses: list[torch.Tensor], legacy: bool) -> None:
-    if legacy:
-        for t, loss in enumerate(losses):
-            with opt.task(t, loss=loss):
-                loss.backward(retain_graph=t < T - 1)
-    else:
-        opt.backward(losses)
 
 
 def reference(name: str, *, bn: bool = False, split: tuple[int, ...] | None = None) -> torch.Tensor:
