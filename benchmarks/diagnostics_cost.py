@@ -32,7 +32,6 @@ import argparse
 import datetime
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -257,15 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in
-                                   [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    result = run(config, log=lambda s: print(s, file=sys.stderr, flush=True))
-    report = format_report(result, command)
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
-    return 0
+    return ss.report_main(argv, config, args.out, run, format_report)
 
 
 if __name__ == "__main__":

@@ -896,18 +896,26 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     return cfg, args
 
 
+def report_main(argv: Sequence[str] | None, config: Any, out: str | None,
+                run: Callable[..., Any], report: Callable[[Any, str], str]) -> int:
+    """What every benchmark script's ``main`` does once its arguments are parsed: run, print the
+    markdown report (with the command line that produced it), and write it to ``out`` if given.
+    Progress goes to stderr."""
+    command = "python " + " ".join(shlex.quote(a) for a in
+                                   [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    text = report(run(config, log=lambda s: print(s, file=sys.stderr, flush=True)), command)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    result = run_benchmark(config, log=lambda s: print(s, file=sys.stderr, flush=True))
-    report = format_report(result, command)
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
-    return 0
+    return report_main(argv, config, args.out, run_benchmark, format_report)
 
 
 if __name__ == "__main__":
