@@ -170,7 +170,9 @@ class Combiner:
 
     def _keep_state(self, values: Tensor, num_tasks: int, tasks: list[int] | None) -> Tensor | None:
         agg = self.aggregator
-        self._snapshot = copy.deepcopy(agg.state_dict()) if agg.stateful else None
+        # Only a checked step (or GradScaler's overflow) can undo the weights: only then keep them.
+        undoable = agg.stateful and (self.policy.checked or self.scaling)
+        self._snapshot = copy.deepcopy(agg.state_dict()) if undoable else None
         return present_mask(tasks, num_tasks, values.device)
 
     def undo_weights(self) -> None:
