@@ -332,6 +332,11 @@ class Aggregator(ABC):
       the direction is then ``w^T J``).
     * ``needs_losses``: the method reads the loss values; calling it without them is an error.
     * ``stateful``: it keeps state between calls (returned by :meth:`state_dict`).
+    * ``random``: it draws random numbers (from a seeded generator whose state is in
+      :meth:`state_dict`, so that a resumed run draws what an uninterrupted one would).
+    * ``paper``: the publication the method comes from, as it is cited in the methods table
+      (authors, short title, venue and year; ``"baseline"`` for the plain weightings).
+    * ``summary``: one line saying what the method does, for the methods table.
 
     ``check_finite`` (class attribute, default ``True``; may be set on an instance): whether a
     call checks its inputs for NaN/inf before running (see the module docstring).  A call's own
@@ -354,6 +359,9 @@ class Aggregator(ABC):
     gramian_only: ClassVar[bool] = False
     needs_losses: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    random: ClassVar[bool] = False
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
     check_finite: bool = True
     # Global indices of the present tasks during a call with ``present`` (else None).
     _subset_idx: Tensor | None = None
