@@ -392,7 +392,7 @@ def test_aggregate_gramian_with_present(name: str) -> None:
 
 READS = {"mean": "losses", "sum": "losses", "constant": "losses", "rlw": "losses",
          "dwa": "losses", "uw": "losses", "famo": "losses", "moco": "jacobian",
-         "graddrop": "jacobian"}
+         "graddrop": "jacobian", "trimmedmean": "jacobian"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -36,7 +36,9 @@ test suite):
   gradients; capped by ``max_norm``), ``moco`` (simplex weights over its tracked gradient
   estimates, not the current rows: on equal rows ``g`` it starts at ``beta g`` and approaches
   ``g`` as the tracking converges), ``uw`` (weights ``exp(-s)``: 1 at the start, learned and
-  unconstrained after), and every
+  unconstrained after), ``trimmedmean`` (coordinate-wise: each coordinate of ``d`` between
+  its column's smallest and largest value, ``g`` on equal rows, but no combination of the
+  rows), and every
   ``"<name>+tension"``: it returns its base's direction during the first ``window`` calls, but
   then adds tension vectors of unit length (``scale="unit"``, the paper's) and the feasibility
   projection, so the result is neither the base's scale nor any fixed one.
@@ -87,6 +89,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
+    "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
 }
 
 # The one alias table: another spelling -> canonical name (lower case, no whitespace).
@@ -103,6 +106,7 @@ _ALIASES: dict[str, str] = {
     "min-norm": "mgda", "min_norm": "mgda", "minnorm": "mgda",
     "uncertainty": "uw", "uncertainty-weighting": "uw", "uncertainty_weighting": "uw",
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
+    "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean",
 }
 
 # The one table of scale conventions (module docstring; checked numerically by the tests).
@@ -112,6 +116,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
+    "trimmedmean": "unnormalised",
 }
 
 # Methods with required arguments: name -> (keyword example for get(), constructor example).
