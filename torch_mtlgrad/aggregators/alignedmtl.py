@@ -107,6 +107,9 @@ class AlignedMTL(WeightedAggregator):
         tensor([1., 1.])
     """
 
+    paper = "Senushkin et al., *Independent Component Alignment for Multi-Task Learning*, CVPR 2023"
+    summary = "Aligned-MTL: aligns the task gradients by an eigen-decomposition of the Gramian"
+
     gramian_only = True
 
     def __init__(self, task_weights: Sequence[float] | Tensor | None = None,

@@ -299,6 +299,9 @@ class CAGrad(WeightedAggregator):
         tensor([0.1835, 1.2041, 1.2041])
     """
 
+    paper = "Liu et al., *Conflict-Averse Gradient Descent for Multi-task Learning*, NeurIPS 2021"
+    summary = "conflict-averse gradient descent, `c = 0.4` (closed form for T=2, cvxpy otherwise)"
+
     gramian_only = True
 
     def __init__(self, c: float = 0.4, rescale: Rescale = "none", method: Method = "auto",

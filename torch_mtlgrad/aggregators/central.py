@@ -103,6 +103,10 @@ class Central(WeightedAggregator):
         tensor([0.6667, 0.6667])
     """
 
+    paper = ("Nakamura, Grassi & Wolf, *Leveraging convergence behavior to balance conflicting "
+             "tasks in multi-task learning*, arXiv 2022, eq. 3-4")
+    summary = "central direction: min-norm of the unit gradients, rescaled to a convex combination"
+
     gramian_only = True
 
     def __init__(self, method: MinNormMethod = "auto", iters: int = 250) -> None:

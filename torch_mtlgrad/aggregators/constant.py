@@ -34,6 +34,9 @@ class Constant(WeightedAggregator):
         tensor([1., 2.])
     """
 
+    paper = "baseline"
+    summary = "fixed user weights"
+
     def __init__(self, weights: Sequence[float] | Tensor) -> None:
         super().__init__()
         if isinstance(weights, Tensor):

@@ -48,6 +48,10 @@ class DualProj(ConeWeighting):
         tensor([0.0000, 0.5000])
     """
 
+    paper = ("Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*, NeurIPS "
+             "2017 (GEM); named by Quinton & Rey 2024")
+    summary = "projection of the mean gradient onto the dual cone of the task gradients"
+
     def _weights64(self, G64: Tensor) -> tuple[Tensor, Tensor]:
         p = self._pref(G64)
         lam = dual_cone_weights(G64, G64 @ p, warm=self._warm)

@@ -67,6 +67,9 @@ class DWA(WeightedAggregator):
         tensor([0.8756, 1.1244])
     """
 
+    paper = "Liu, Johns & Davison, *End-to-End Multi-Task Learning with Attention*, CVPR 2019"
+    summary = "dynamic weight average: weights from the ratio of each task's last two losses"
+
     needs_losses = True
     stateful = True
 

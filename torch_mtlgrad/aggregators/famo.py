@@ -76,6 +76,10 @@ class FAMO(WeightedAggregator):
         tensor([0.4568, 0.5432])
     """
 
+    paper = "Liu, Liu, Stone & Liu, *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023"
+    summary = ("fast adaptive multitask optimisation: learned logits balance the tasks' log-loss "
+               "decrease")
+
     needs_losses = True
     stateful = True
     _partial = False  # some task has no previous loss (never present, or consumed by update())

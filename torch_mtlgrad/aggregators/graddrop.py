@@ -91,6 +91,12 @@ class GradDrop(SeededState, Aggregator):
         tensor([4., 6.])
     """
 
+    paper = ("Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign "
+             "Dropout*, NeurIPS 2020")
+    summary = ("gradient sign dropout: each element keeps the gradients of one sign, drawn by its "
+               "sign purity")
+    random = True
+
     stateful = True
 
     def __init__(self, f: Callable[[Tensor], Tensor] | None = None,

@@ -84,6 +84,11 @@ class GradNorm(WeightedAggregator):
         tensor([1.2222, 0.7778])
     """
 
+    paper = ("Chen et al., *GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep "
+             "Multitask Networks*, ICML 2018")
+    summary = ("GradNorm: weights learned so that the weighted gradient norms follow the tasks' "
+               "training rates")
+
     gramian_only = True
     needs_losses = True
     stateful = True

@@ -81,6 +81,13 @@ class GradVac(WeightedAggregator):
                 [-0.3536,  0.0000]])
     """
 
+    paper = ("Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization "
+             "in Massively Multilingual Models*, ICLR 2021")
+    summary = ("gradient vaccine: pairs pulled toward EMA cosine targets (random visiting order, "
+               "seeded)gradient vaccine: pairs pulled toward EMA cosine targets (random visiting "
+               "order, seeded)")
+    random = True
+
     gramian_only = True
     stateful = True
 

@@ -115,6 +115,9 @@ class IMTLG(WeightedAggregator):
         tensor([0.6667, 0.6667])
     """
 
+    paper = "Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021"
+    summary = "IMTL-G: equal projections of the direction onto every unit task gradient"
+
     gramian_only = True
 
     def __init__(self, rtol: float | None = None) -> None:

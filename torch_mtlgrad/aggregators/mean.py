@@ -23,6 +23,9 @@ class Mean(WeightedAggregator):
         tensor([0.5000, 1.5000])
     """
 
+    paper = "baseline"
+    summary = "equal weighting, `1/T` each"
+
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
                   dtype: torch.dtype, device: torch.device) -> Tensor:
         T = num_tasks
@@ -37,6 +40,9 @@ class Sum(WeightedAggregator):
         >>> Sum()(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
         tensor([1., 3.])
     """
+
+    paper = "baseline"
+    summary = "equal weighting, 1 each (the default: trains as `sum(losses).backward()`)"
 
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
                   dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -55,6 +55,12 @@ class MinNorm(WeightedAggregator):
         tensor([0.8000, 0.4000])
     """
 
+    paper = ("Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS "
+             "2018; tensioner paper eq. 2")
+    summary = ("min-norm direction in the convex hull of the task gradients (row normalisation "
+               "`none`/`l2`/`loss`/`loss+`; closed form for T=2, exact active-set solver, cvxpy, "
+               "or fixed-iteration on the device)")
+
     gramian_only = True
 
     def __init__(self, normalization: Normalization = "none", method: MinNormMethod = "auto",

@@ -93,6 +93,10 @@ class MoCo(Aggregator):
         tensor([0.5608, 0.4392])
     """
 
+    paper = ("Fernando et al., *Mitigating Gradient Bias in Multi-objective Learning: A Provably "
+             "Convergent Approach*, ICLR 2023")
+    summary = "MoCo: tracked gradient estimates with a corrected min-norm weighting"
+
     stateful = True
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, gamma: float = 0.1,

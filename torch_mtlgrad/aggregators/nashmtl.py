@@ -220,6 +220,10 @@ class NashMTL(WeightedAggregator):
         tensor([1.0000, 0.2500], dtype=torch.float64)
     """
 
+    paper = "Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022"
+    summary = ("Nash bargaining solution (cvxpy with CLARABEL, warm-started; a failed solve "
+               "raises or logs the documented fallback, never equal weights)")
+
     gramian_only = True
     stateful = True
 

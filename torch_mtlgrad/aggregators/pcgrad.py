@@ -99,6 +99,10 @@ class PCGrad(SeededState, WeightedAggregator):
         tensor([0.5000, 1.5000])
     """
 
+    paper = "Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020"
+    summary = "projecting conflicting gradients (random order by default, seeded; or a fixed order)"
+    random = True
+
     gramian_only = True
     stateful = True
 

@@ -69,6 +69,10 @@ class Rescaled(Aggregator):
         Rescaled(MinNorm(normalization='none', method='auto'))
     """
 
+    paper = "baseline"
+    summary = ("the direction and weights times the number of tasks present: a convex method at "
+               "the scale of the sum")
+
     def __init__(self, base: Aggregator | str) -> None:
         super().__init__()
         if isinstance(base, str):

@@ -141,6 +141,11 @@ class RLW(SeededState, WeightedAggregator):
         (1.0, True)
     """
 
+    paper = ("Lin et al., *Reasonable Effectiveness of Random Weighting: A Litmus Test for "
+             "Multi-Task Learning*, TMLR 2022")
+    summary = "random loss weighting, `w ~ U[0,1]^T / sum` each step (seeded)"
+    random = True
+
     stateful = True
 
     def __init__(self, distribution: Distribution = "uniform", *,

@@ -105,6 +105,12 @@ class Tensioned(Aggregator):
         True
     """
 
+    paper = ("Nakamura, Grassi & Wolf, *Leveraging convergence behavior to balance conflicting "
+             "tasks in multi-task learning*, arXiv 2022, eq. 5-8, Alg. 1-2")
+    summary = ("task tensioners pull any gradient aggregator's direction toward diverging tasks; "
+               "feasibility `g_m . d >= 0` for every task by projection or the authors' segment "
+               "fix")
+
     stateful = True
 
     def __init__(self, base: Aggregator, alpha: float = 0.3, window: int = 10,

@@ -121,6 +121,11 @@ class UPGrad(ConeWeighting):
         tensor([0.2500, 0.5000])
     """
 
+    paper = "Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv 2024"
+    summary = ("unconflicting projection of gradients: the mean of the rows projected onto the "
+               "dual coneunconflicting projection of gradients: the mean of the rows projected "
+               "onto the dual cone")
+
     def _weights64(self, G64: Tensor) -> tuple[Tensor, Tensor]:
         p = self._pref(G64)
         # Column i of B is J (p_i g_i) = p_i G[:, i]: one dual problem per row.

@@ -67,6 +67,10 @@ class UncertaintyWeighting(WeightedAggregator):
         tensor([0.9048, 1.0513])
     """
 
+    paper = ("Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for "
+             "Scene Geometry and Semantics*, CVPR 2018")
+    summary = "uncertainty weighting: learned log-variances weigh the losses"
+
     needs_losses = True
     stateful = True
 
