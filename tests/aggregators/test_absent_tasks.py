@@ -160,6 +160,10 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         mass = lam.sum()
         s["y"] = s["y"][idx].clone()
         s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
+    elif base == "modo" and s["lambda"] is not None:
+        lam = s["lambda"][idx]
+        mass = lam.sum()
+        s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
     elif base == "nashmtl":
         for key in ("alpha", "a"):
             if s[key] is not None:
@@ -210,6 +214,14 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
             mass = lam[idx].sum()
         y = full["y"] if full["y"] is not None else torch.zeros(T, D, dtype=new["y"].dtype)
         s["y"] = _put(y, new["y"], (0,), idx)
+        s["lambda"] = _put(lam, new["lambda"] * mass, (0,), idx)
+    elif base == "modo":
+        lam = full["lambda"]
+        if lam is None:
+            lam = torch.full((T,), 1.0 / T, dtype=new["lambda"].dtype)
+            mass = torch.tensor(idx.numel() / T, dtype=lam.dtype)
+        else:
+            mass = lam[idx].sum()
         s["lambda"] = _put(lam, new["lambda"] * mass, (0,), idx)
     elif base == "nashmtl":
         for key, fill in (("alpha", NAN), ("a", 1.0)):

@@ -28,7 +28,8 @@ test suite):
 * ``"convex"``: ``d = w^T J`` with weights summing to 1 on every call: a convex combination of
   the rows (so ``||d|| <= max_t ||g_t||``) wherever the weights are non-negative, a mean-like
   scale, ``g`` on equal rows (``1/T`` of the sum's).  ``mean``, ``mgda``, ``central``, ``imtlg``
-  (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``.
+  (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``,
+  ``modo`` (its ``lambda`` on the simplex).
 * ``"unnormalised"``: neither.  ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
   ``(1 + c) g`` on equal rows), ``upgrad`` and ``dualproj`` (the mean, plus non-negative
   multiples of the rows from the projection: weights summing to at least 1, ``g`` on equal
@@ -89,6 +90,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
+    "modo": (f"{_PKG}.modo", "MoDo", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
 }
 
@@ -116,6 +118,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
+    "modo": "convex",
     "trimmedmean": "unnormalised",
 }
 
