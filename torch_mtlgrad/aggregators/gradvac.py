@@ -84,8 +84,7 @@ class GradVac(WeightedAggregator):
     paper = ("Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization "
              "in Massively Multilingual Models*, ICLR 2021")
     summary = ("gradient vaccine: pairs pulled toward EMA cosine targets (random visiting order, "
-               "seeded)gradient vaccine: pairs pulled toward EMA cosine targets (random visiting "
-               "order, seeded)")
+               "seeded)")
     random = True
 
     gramian_only = True

@@ -123,8 +123,7 @@ class UPGrad(ConeWeighting):
 
     paper = "Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv 2024"
     summary = ("unconflicting projection of gradients: the mean of the rows projected onto the "
-               "dual coneunconflicting projection of gradients: the mean of the rows projected "
-               "onto the dual cone")
+               "dual cone")
 
     def _weights64(self, G64: Tensor) -> tuple[Tensor, Tensor]:
         p = self._pref(G64)
