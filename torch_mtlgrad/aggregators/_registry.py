@@ -29,6 +29,7 @@ test suite):
   the rows (so ``||d|| <= max_t ||g_t||``) wherever the weights are non-negative, a mean-like
   scale, ``g`` on equal rows (``1/T`` of the sum's).  ``mean``, ``mgda``, ``central``, ``imtlg``
   (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``,
+  ``krum`` (one-hot weights, or ``1/m`` on the ``m`` rows Multi-Krum selects),
   ``modo`` (its ``lambda`` on the simplex).
 * ``"unnormalised"``: neither.  ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
   ``(1 + c) g`` on equal rows), ``upgrad`` and ``dualproj`` (the mean, plus non-negative
@@ -92,6 +93,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "famo": (f"{_PKG}.famo", "FAMO", False),
     "modo": (f"{_PKG}.modo", "MoDo", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
+    "krum": (f"{_PKG}.krum", "Krum", True),
 }
 
 # The one alias table: another spelling -> canonical name (lower case, no whitespace).
@@ -119,7 +121,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
     "modo": "convex",
-    "trimmedmean": "unnormalised",
+    "trimmedmean": "unnormalised", "krum": "convex",
 }
 
 # Methods with required arguments: name -> (keyword example for get(), constructor example).
