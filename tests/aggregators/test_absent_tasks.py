@@ -160,6 +160,8 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         mass = lam.sum()
         s["y"] = s["y"][idx].clone()
         s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
+    elif base == "crmogm" and s["lambda"] is not None:
+        s["lambda"] = s["lambda"][idx].clone()  # the default base (mgda) keeps no state
     elif base == "modo" and s["lambda"] is not None:
         lam = s["lambda"][idx]
         mass = lam.sum()
@@ -215,6 +217,10 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
         y = full["y"] if full["y"] is not None else torch.zeros(T, D, dtype=new["y"].dtype)
         s["y"] = _put(y, new["y"], (0,), idx)
         s["lambda"] = _put(lam, new["lambda"] * mass, (0,), idx)
+    elif base == "crmogm":
+        prev = full["lambda"] if full["lambda"] is not None else torch.full(
+            (T,), NAN, dtype=new["lambda"].dtype)
+        s["lambda"] = _put(prev, new["lambda"], (0,), idx)
     elif base == "modo":
         lam = full["lambda"]
         if lam is None:

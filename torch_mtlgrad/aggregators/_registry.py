@@ -30,6 +30,7 @@ test suite):
   scale, ``g`` on equal rows (``1/T`` of the sum's).  ``mean``, ``mgda``, ``central``, ``imtlg``
   (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``,
   ``krum`` (one-hot weights, or ``1/m`` on the ``m`` rows Multi-Krum selects),
+  ``crmogm`` (a moving average of the weights of its default base, ``mgda``),
   ``modo`` (its ``lambda`` on the simplex).
 * ``"unnormalised"``: neither.  ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
   ``(1 + c) g`` on equal rows), ``upgrad`` and ``dualproj`` (the mean, plus non-negative
@@ -92,6 +93,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
     "modo": (f"{_PKG}.modo", "MoDo", True),
+    "crmogm": (f"{_PKG}.crmogm", "CRMOGM", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
     "krum": (f"{_PKG}.krum", "Krum", True),
 }
@@ -110,6 +112,7 @@ _ALIASES: dict[str, str] = {
     "min-norm": "mgda", "min_norm": "mgda", "minnorm": "mgda",
     "uncertainty": "uw", "uncertainty-weighting": "uw", "uncertainty_weighting": "uw",
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
+    "cr-mogm": "crmogm", "cr_mogm": "crmogm",
     "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean",
 }
 
@@ -120,7 +123,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
-    "modo": "convex",
+    "modo": "convex", "crmogm": "convex",
     "trimmedmean": "unnormalised", "krum": "convex",
 }
 
