@@ -24,7 +24,8 @@ test suite):
   ``pcgrad``, ``graddrop``, ``gradvac`` (equal rows never conflict: left as they are), ``alignedmtl``
   (the authors' sum of the aligned gradients), ``dwa`` and ``gradnorm`` (weights summing to
   ``T``), ``constant`` (the gradient of ``sum_t w_t L_t`` for the weights as given: the sum for
-  weights 1).
+  weights 1), ``config`` (length the sum of the projections onto its unit direction: ``T ||g||``
+  on equal rows).
 * ``"convex"``: ``d = w^T J`` with weights summing to 1 on every call: a convex combination of
   the rows (so ``||d|| <= max_t ||g_t||``) wherever the weights are non-negative, a mean-like
   scale, ``g`` on equal rows (``1/T`` of the sum's).  ``mean``, ``mgda``, ``central``, ``imtlg``
@@ -96,6 +97,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "crmogm": (f"{_PKG}.crmogm", "CRMOGM", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
     "krum": (f"{_PKG}.krum", "Krum", True),
+    "config": (f"{_PKG}.config", "ConFIG", True),
 }
 
 # The one alias table: another spelling -> canonical name (lower case, no whitespace).
@@ -114,6 +116,7 @@ _ALIASES: dict[str, str] = {
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
     "cr-mogm": "crmogm", "cr_mogm": "crmogm",
     "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean",
+    "con-fig": "config", "con_fig": "config",
 }
 
 # The one table of scale conventions (module docstring; checked numerically by the tests).
@@ -124,7 +127,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
     "modo": "convex", "crmogm": "convex",
-    "trimmedmean": "unnormalised", "krum": "convex",
+    "trimmedmean": "unnormalised", "krum": "convex", "config": "sum",
 }
 
 # Methods with required arguments: name -> (keyword example for get(), constructor example).
