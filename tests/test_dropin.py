@@ -450,7 +450,7 @@ def _registry_method(name: str):
     base = name.split("+")[0]
     if base == "constant":
         kw["weights"] = [0.5, 2.0, 1.5]
-    if base in ("rlw", "pcgrad", "graddrop", "gradvac"):
+    if base in ("rlw", "pcgrad", "graddrop", "gradvac", "cosmos"):
         kw["seed"] = 3
     if name.endswith("+tension"):
         kw["window"] = 2

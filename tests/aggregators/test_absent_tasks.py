@@ -29,7 +29,7 @@ from ..strategies import presence_patterns
 
 T, D, STEPS = 4, 6, 30
 NAMES = available()
-RANDOM = {"rlw", "pcgrad", "graddrop", "gradvac"}
+RANDOM = {"rlw", "pcgrad", "graddrop", "gradvac", "cosmos"}
 NAN = float("nan")
 
 
@@ -176,6 +176,8 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         assert s["running"] is None  # steps_per_epoch=1: every call closes its epoch
     elif base == "uw":
         s["log_var"] = lv_restrict(s["log_var"], idx)
+    elif base in ("imtll", "imtl"):
+        s["log_scale"] = lv_restrict(s["log_scale"], idx)
     elif base == "famo":
         s["logits"] = lv_restrict(s["logits"], idx)
         if s["prev_losses"] is not None:
@@ -240,6 +242,8 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
         s["history"] = _put(prev, new["history"], (1,), idx)
     elif base == "uw":
         s["log_var"] = lv_scatter(full["log_var"], new["log_var"], idx, 0.0)
+    elif base in ("imtll", "imtl"):
+        s["log_scale"] = lv_scatter(full["log_scale"], new["log_scale"], idx, 0.0)
     elif base == "famo":
         s["logits"] = lv_scatter(full["logits"], new["logits"], idx, 0.0)
         prev = full["prev_losses"] if full["prev_losses"] is not None else torch.full(
@@ -410,7 +414,8 @@ def test_aggregate_gramian_with_present(name: str) -> None:
 
 READS = {"mean": "losses", "sum": "losses", "constant": "losses", "rlw": "losses",
          "dwa": "losses", "uw": "losses", "famo": "losses", "moco": "jacobian",
-         "graddrop": "jacobian", "trimmedmean": "jacobian"}
+         "graddrop": "jacobian", "trimmedmean": "jacobian", "imtll": "losses",
+         "stch": "losses", "gls": "losses", "pbi": "losses", "cosmos": "losses"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -444,7 +449,7 @@ def test_reads_and_aggregate_losses(name: str) -> None:
 
 
 # Methods that cannot take a loss of 0 (a log or a division by the loss), at which call.
-ZERO_LOSS_ERRORS = {name for name in NAMES if name.endswith("+tension")} | {"gradnorm"}
+ZERO_LOSS_ERRORS = {name for name in NAMES if name.endswith("+tension")} | {"gradnorm", "gls"}
 
 
 @pytest.mark.parametrize("name", NAMES)
