@@ -1,12 +1,14 @@
 """One registry of aggregators by short name, used by ``get`` and by ``MultiTaskOptimizer``.
 
 Entries are ``"module:Class"`` paths, imported on first use so that building one method never
-imports the others.  Beside the entries, four small tables, one each:
+imports the others.  Beside the entries, five small tables, one each:
 
 * ``_ALIASES``: other spellings of a name (``"nash-mtl"`` for ``"nashmtl"``, ``"min-norm"`` for
   ``"mgda"``, ...); :func:`aliases` returns a copy, :func:`available` lists canonical names only.
 * ``_SCALES``: each method's scale convention (:func:`scale_convention`).
 * ``_EXAMPLES``: for a method with required arguments, an example call (for the error message).
+* ``_NEEDS_VALIDATION``: methods that read a validation batch at every step
+  (:func:`needs_validation`).
 * ``_NOT_AGGREGATORS``: names of methods that are a capture mode rather than an aggregator
   (``"mgda-ub"``): :func:`get` raises and says what to write instead.
 
@@ -32,8 +34,7 @@ test suite):
   (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``,
   ``krum`` (one-hot weights, or ``1/m`` on the ``m`` rows Multi-Krum selects),
   ``crmogm`` (a moving average of the weights of its default base, ``mgda``),
-  ``modo`` (its ``lambda`` on the simplex), ``stch`` (with its default preference
-  ``lambda = 1``: the weights are a softmax).
+  ``modo`` (its ``lambda`` on the simplex).
 * ``"unnormalised"``: neither.  ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
   ``(1 + c) g`` on equal rows), ``upgrad`` and ``dualproj`` (the mean, plus non-negative
   multiples of the rows from the projection: weights summing to at least 1, ``g`` on equal
@@ -41,13 +42,8 @@ test suite):
   gradients; capped by ``max_norm``), ``moco`` (simplex weights over its tracked gradient
   estimates, not the current rows: on equal rows ``g`` it starts at ``beta g`` and approaches
   ``g`` as the tracking converges), ``uw`` (weights ``exp(-s)``: 1 at the start, learned and
-  unconstrained after), ``imtll`` (weights ``e^s``: 1 at the start, learned after), ``imtl``
-  (IMTL-G's weights of the rows scaled by ``e^s``: ``g`` at the start, then its length set by the
-  learned scales), ``gls`` (weights ``F / (T L_t)``, summing to the ratio of the losses'
-  geometric and harmonic means, at least 1), ``pbi`` (weights ``r_hat`` plus the penalty's:
-  ``sqrt(T)`` in sum for the default ray), ``cosmos`` (the preference minus the cosine
-  penalty's gradient: summing to 1 only without the penalty),
-  ``trimmedmean`` (coordinate-wise: each coordinate of ``d`` between
+  unconstrained after), ``autolambda`` (weights ``lambda``: ``init = 0.1`` at the start,
+  meta-learned and unconstrained after), ``trimmedmean`` (coordinate-wise: each coordinate of ``d`` between
   its column's smallest and largest value, ``g`` on equal rows, but no combination of the
   rows), and every
   ``"<name>+tension"``: it returns its base's direction during the first ``window`` calls, but
@@ -71,7 +67,8 @@ from typing import Any, Literal
 
 from ._base import Aggregator
 
-__all__ = ["aliases", "available", "get", "register", "resolve", "scale_convention"]
+__all__ = ["aliases", "available", "get", "needs_validation", "register", "resolve",
+           "scale_convention"]
 
 _PKG = "torch_mtlgrad.aggregators"
 
@@ -100,17 +97,12 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
-    "imtll": (f"{_PKG}.imtll", "IMTLL", False),
-    "imtl": (f"{_PKG}.imtl", "IMTL", True),
-    "stch": (f"{_PKG}.stch", "STCH", False),
-    "gls": (f"{_PKG}.gls", "GLS", False),
-    "pbi": (f"{_PKG}.pbi", "PBI", False),
-    "cosmos": (f"{_PKG}.cosmos", "COSMOS", False),
     "modo": (f"{_PKG}.modo", "MoDo", True),
     "crmogm": (f"{_PKG}.crmogm", "CRMOGM", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
     "krum": (f"{_PKG}.krum", "Krum", True),
     "config": (f"{_PKG}.config", "ConFIG", True),
+    "autolambda": (f"{_PKG}.autolambda", "AutoLambda", False),
 }
 
 # The one alias table: another spelling -> canonical name (lower case, no whitespace).
@@ -127,10 +119,10 @@ _ALIASES: dict[str, str] = {
     "min-norm": "mgda", "min_norm": "mgda", "minnorm": "mgda",
     "uncertainty": "uw", "uncertainty-weighting": "uw", "uncertainty_weighting": "uw",
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
-    "imtl-l": "imtll", "imtl_l": "imtll",
     "cr-mogm": "crmogm", "cr_mogm": "crmogm",
     "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean",
     "con-fig": "config", "con_fig": "config",
+    "auto-lambda": "autolambda", "auto_lambda": "autolambda",
 }
 
 # The one table of scale conventions (module docstring; checked numerically by the tests).
@@ -140,16 +132,19 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
-    "imtll": "unnormalised", "imtl": "unnormalised", "stch": "convex", "gls": "unnormalised",
-    "pbi": "unnormalised", "cosmos": "unnormalised",
     "modo": "convex", "crmogm": "convex",
     "trimmedmean": "unnormalised", "krum": "convex", "config": "sum",
+    "autolambda": "unnormalised",
 }
 
 # Methods with required arguments: name -> (keyword example for get(), constructor example).
 _EXAMPLES: dict[str, tuple[str, str]] = {
     "constant": ("weights=[1.0, 2.0]", "Constant([1.0, 2.0])"),
 }
+
+# Methods that read a validation batch at every step (MultiTaskOptimizer(validation_losses=fn)):
+# a call without one is an error (needs_validation).
+_NEEDS_VALIDATION: frozenset[str] = frozenset({"autolambda"})
 
 _MGDA_UB = ("{name!r} is not a separate aggregator: MGDA-UB (Sener and Koltun, NeurIPS 2018, "
             "Sec. 3.3) is MGDA run on the gradients with respect to the shared representation, "
@@ -385,6 +380,17 @@ def scale_convention(name: str) -> str:
     if rescale:
         conv = "sum" if conv == "convex" else "unnormalised"
     return conv
+
+
+def needs_validation(name: str) -> bool:
+    """Whether the method ``name`` (any accepted name form) reads a validation batch at every
+    step: ``MultiTaskOptimizer(..., validation_losses=fn)``; its calls without one raise.
+
+    Example:
+        >>> needs_validation("auto-lambda"), needs_validation("mgda")
+        (True, False)
+    """
+    return _parse(name)[0] in _NEEDS_VALIDATION
 
 
 def resolve(aggregator: str | Aggregator) -> Aggregator:
