@@ -173,7 +173,7 @@ def test_bad_validation_inputs() -> None:
 
 
 def test_constructor_checks() -> None:
-    with pytest.raises(TypeError, match="init must be a number"):
+    with pytest.raises(TypeError, match="init must be a finite number"):
         AutoLambda(init="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="learning rate"):
         AutoLambda(lr=0.0)
