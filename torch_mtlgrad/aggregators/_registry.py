@@ -34,7 +34,8 @@ test suite):
   (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``,
   ``krum`` (one-hot weights, or ``1/m`` on the ``m`` rows Multi-Krum selects),
   ``crmogm`` (a moving average of the weights of its default base, ``mgda``),
-  ``modo`` (its ``lambda`` on the simplex).
+  ``modo`` (its ``lambda`` on the simplex), ``stch`` (with its default preference
+  ``lambda = 1``: the weights are a softmax).
 * ``"unnormalised"``: neither.  ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
   ``(1 + c) g`` on equal rows), ``upgrad`` and ``dualproj`` (the mean, plus non-negative
   multiples of the rows from the projection: weights summing to at least 1, ``g`` on equal
@@ -42,7 +43,13 @@ test suite):
   gradients; capped by ``max_norm``), ``moco`` (simplex weights over its tracked gradient
   estimates, not the current rows: on equal rows ``g`` it starts at ``beta g`` and approaches
   ``g`` as the tracking converges), ``uw`` (weights ``exp(-s)``: 1 at the start, learned and
-  unconstrained after), ``autolambda`` (weights ``lambda``: ``init = 0.1`` at the start,
+  unconstrained after), ``imtll`` (weights ``e^s``: 1 at the start, learned after), ``imtl``
+  (IMTL-G's weights of the rows scaled by ``e^s``: ``g`` at the start, then its length set by the
+  learned scales), ``gls`` (weights ``F / (T L_t)``, summing to the ratio of the losses'
+  geometric and harmonic means, at least 1), ``pbi`` (weights ``r_hat`` plus the penalty's:
+  ``sqrt(T)`` in sum for the default ray), ``cosmos`` (the preference minus the cosine
+  penalty's gradient: summing to 1 only without the penalty),
+  ``autolambda`` (weights ``lambda``: ``init = 0.1`` at the start,
   meta-learned and unconstrained after), ``trimmedmean`` (coordinate-wise: each coordinate of ``d`` between
   its column's smallest and largest value, ``g`` on equal rows, but no combination of the
   rows), and every
@@ -97,6 +104,12 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
+    "imtll": (f"{_PKG}.imtll", "IMTLL", False),
+    "imtl": (f"{_PKG}.imtl", "IMTL", True),
+    "stch": (f"{_PKG}.stch", "STCH", False),
+    "gls": (f"{_PKG}.gls", "GLS", False),
+    "pbi": (f"{_PKG}.pbi", "PBI", False),
+    "cosmos": (f"{_PKG}.cosmos", "COSMOS", False),
     "modo": (f"{_PKG}.modo", "MoDo", True),
     "crmogm": (f"{_PKG}.crmogm", "CRMOGM", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
@@ -119,6 +132,7 @@ _ALIASES: dict[str, str] = {
     "min-norm": "mgda", "min_norm": "mgda", "minnorm": "mgda",
     "uncertainty": "uw", "uncertainty-weighting": "uw", "uncertainty_weighting": "uw",
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
+    "imtl-l": "imtll", "imtl_l": "imtll",
     "cr-mogm": "crmogm", "cr_mogm": "crmogm",
     "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean",
     "con-fig": "config", "con_fig": "config",
@@ -132,6 +146,8 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
+    "imtll": "unnormalised", "imtl": "unnormalised", "stch": "convex", "gls": "unnormalised",
+    "pbi": "unnormalised", "cosmos": "unnormalised",
     "modo": "convex", "crmogm": "convex",
     "trimmedmean": "unnormalised", "krum": "convex", "config": "sum",
     "autolambda": "unnormalised",
