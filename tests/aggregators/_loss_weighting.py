@@ -44,10 +44,10 @@ def max_loss_route_difference(make: Callable[[], Aggregator], steps: int = 4,
                               sync: bool = False) -> float:
     """Train two copies of a small network ``steps`` steps, one through the loss-only route
     (the default), one through the Jacobian (``capture="loop"``); every step's gradients and
-    weights must agree (to float32 rounding).  ``sync``: copy the first method's state into the
+    weights must agree (in float64, to rounding).  ``sync``: copy the first method's state into the
     second before training (seeded random methods).  Returns the largest gradient difference."""
     torch.manual_seed(2)
-    net_a = Net()
+    net_a = Net().double()
     net_b = copy.deepcopy(net_a)
     fast = MultiTaskOptimizer(torch.optim.SGD(net_a.parameters(), lr=0.05),
                               shared=net_a.encoder, aggregator=make())
@@ -58,14 +58,16 @@ def max_loss_route_difference(make: Callable[[], Aggregator], steps: int = 4,
     worst = 0.0
     for step in range(steps):
         x, ys = data(step)
+        x, ys = x.double(), [y.double() for y in ys]
         for opt, net in ((fast, net_a), (slow, net_b)):
             opt.zero_grad()
             opt.backward([nn.functional.mse_loss(o, y) + 0.1 for o, y in zip(net(x), ys)])
         assert fast.last_capture == "losses" and slow.last_capture == "loop"
         for p, q in zip(net_a.parameters(), net_b.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
             worst = max(worst, float((p.grad - q.grad).abs().max()))
-        torch.testing.assert_close(fast.diagnostics["weights"], slow.diagnostics["weights"])
+        torch.testing.assert_close(fast.diagnostics["weights"], slow.diagnostics["weights"],
+                                   rtol=1e-10, atol=1e-12)
         fast.step()
         slow.step()
     return worst
