@@ -58,6 +58,7 @@ from .capture import (
     TaskHooks,
 )
 from .capture.layer import layer_params
+from .capture.validation import check_validation, validation_gradient
 from .combine import Combiner, Outcome
 from .conal.conflict import ConflictNoticing
 from .plugins import call_hook, check_plugin, plugin_state
@@ -153,6 +154,13 @@ class MultiTaskOptimizer(WrappedOptimizer):
             DDP modules owning the parameters need no ``no_sync()``); see
             :func:`torch_mtlgrad.distributed.first_step`.  ``False``: never.  A process group, or
             the ``DistributedDataParallel`` module: use its group.
+        validation_losses: for a method that meta-learns on a validation batch (``"autolambda"``,
+            :func:`~torch_mtlgrad.aggregators._registry.needs_validation`): ``fn()`` computes
+            the validation losses (one per task, ``None`` for a task without one, or their sum)
+            on a batch it draws.  Each step then takes the method's look-ahead step of the
+            parameters, calls ``fn()`` there, captures the gradient over the shared parameters
+            (one more forward and backward) and puts the parameters back bit for bit.  Such a
+            method without it raises at the first step; ``fn`` with any other method is an error.
 
     Absent tasks: ``opt.backward([loss_0, None, loss_2])`` (or ``present=``) combines the tasks
     present, in their places; an absent task's specific parameters get no gradient and stateful
@@ -198,6 +206,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
         diagnostics: bool | str = True,
         scaler: Any = None,
         distributed: Any = "auto",
+        validation_losses: Callable[[], Any] | None = None,
     ) -> None:
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("optimizer is already a MultiTaskOptimizer")
@@ -251,6 +260,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._captured = False  # a task was captured since the last step(): not a plain backward
         self._warned_plain = False
         self._distributed, self._distributed_ready = distributed, False
+        self._validation = check_validation(validation_losses, agg, scaler)
         warn_all_shared(len(self.task_specific_parameters()))
         for plugin in plugins:
             self.add_plugin(plugin)
@@ -543,11 +553,37 @@ class MultiTaskOptimizer(WrappedOptimizer):
 
     def _finish(self, captured: Captured) -> bool:
         """Combine and write back; returns ``False`` when the step was skipped."""
+        if self._validation is not None and not self._stage_validation(captured):
+            return False
         outcome = self._combine(captured)
         if outcome.skip:
             self._skip = True
             return False
         self._write(outcome, captured)
+        return True
+
+    def _stage_validation(self, captured: Captured) -> bool:
+        """``validation_losses=``: the validation gradient at the method's look-ahead step, handed
+        to the method for this step's call; ``False`` when the non-finite policy skips the step."""
+        agg, J = self.aggregator, captured.J
+        assert J is not None, "a method that needs a validation batch reads J"
+        shared = None
+        if agg.approximation == "unrolled":
+            w = captured.present_rows(agg.current_weights(captured.num_tasks, J.dtype, J.device))
+            shared = w @ J
+            if captured.prior is not None and any(g is not None for g in captured.prior):
+                shared = shared + self.layout.flatten(captured.prior, J.dtype)
+        g, eta, value = validation_gradient(
+            self._validation, agg.primary_mask(captured.num_tasks), self.layout, self.optimizer,
+            J.dtype, shared=shared, specific=captured.params, specific_grads=captured.grads,
+            add_grads=captured.add_grads)
+        if self._policy.checked and not bool(torch.isfinite(g).all()) and bool(
+                torch.isfinite(J).all()):
+            self._skip = self._policy.apply(
+                f"the gradient of the validation losses (validation_losses=) is not finite (the "
+                f"validation objective is {float(value)})")
+            return False
+        agg.set_validation(g, eta)
         return True
 
     def _write(self, outcome: Outcome, captured: Captured) -> None:
