@@ -162,6 +162,8 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
     elif base == "crmogm" and s["lambda"] is not None:
         s["lambda"] = s["lambda"][idx].clone()  # the default base (mgda) keeps no state
+    elif base == "dbmtl" and s["m"] is not None:
+        s["m"] = s["m"][idx].clone()
     elif base == "modo" and s["lambda"] is not None:
         lam = s["lambda"][idx]
         mass = lam.sum()
@@ -223,6 +225,9 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
         prev = full["lambda"] if full["lambda"] is not None else torch.full(
             (T,), NAN, dtype=new["lambda"].dtype)
         s["lambda"] = _put(prev, new["lambda"], (0,), idx)
+    elif base == "dbmtl":
+        prev = full["m"] if full["m"] is not None else torch.zeros(T, D, dtype=new["m"].dtype)
+        s["m"] = _put(prev, new["m"], (0,), idx)
     elif base == "modo":
         lam = full["lambda"]
         if lam is None:
@@ -259,7 +264,7 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
 
 # Per-task tensors of a state dict (by key) and their task axes: what must not move for an
 # absent task.
-TASK_AXES = {"phi_hat": (0, 1), "y": (0,), "lambda": (0,), "alpha": (0,), "a": (0,),
+TASK_AXES = {"phi_hat": (0, 1), "y": (0,), "m": (0,), "lambda": (0,), "alpha": (0,), "a": (0,),
              "history": (1,), "running": (0,), "value": (0,), "exp_avg": (0,),
              "exp_avg_sq": (0,), "steps": (0,), "prev_losses": (0,), "initial_losses": (0,),
              "task_count": (0,)}
@@ -413,7 +418,7 @@ def test_aggregate_gramian_with_present(name: str) -> None:
 
 
 READS = {"mean": "losses", "sum": "losses", "constant": "losses", "rlw": "losses",
-         "dwa": "losses", "uw": "losses", "famo": "losses", "moco": "jacobian",
+         "dwa": "losses", "uw": "losses", "famo": "losses", "moco": "jacobian", "dbmtl": "jacobian",
          "graddrop": "jacobian", "trimmedmean": "jacobian", "imtll": "losses",
          "stch": "losses", "gls": "losses", "pbi": "losses", "cosmos": "losses"}
 

@@ -36,7 +36,8 @@ test suite):
   ``crmogm`` (a moving average of the weights of its default base, ``mgda``),
   ``modo`` (its ``lambda`` on the simplex), ``stch`` (with its default preference
   ``lambda = 1``: the weights are a softmax).
-* ``"unnormalised"``: neither.  ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
+* ``"unnormalised"``: neither.  ``dbmtl`` (log-loss gradients rescaled to the largest norm and
+  summed: about ``T (1 - beta) g / min_t L_t`` on equal rows), ``cagrad`` (weights summing to ``1 + c ||g_0|| / ||g_w||``:
   ``(1 + c) g`` on equal rows), ``upgrad`` and ``dualproj`` (the mean, plus non-negative
   multiples of the rows from the projection: weights summing to at least 1, ``g`` on equal
   rows), ``nashmtl`` (weights about ``1 / ||g||``: the direction does not grow with the
@@ -112,6 +113,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "cosmos": (f"{_PKG}.cosmos", "COSMOS", False),
     "modo": (f"{_PKG}.modo", "MoDo", True),
     "crmogm": (f"{_PKG}.crmogm", "CRMOGM", True),
+    "dbmtl": (f"{_PKG}.dbmtl", "DBMTL", True),
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
     "krum": (f"{_PKG}.krum", "Krum", True),
     "config": (f"{_PKG}.config", "ConFIG", True),
@@ -134,6 +136,7 @@ _ALIASES: dict[str, str] = {
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
     "imtl-l": "imtll", "imtl_l": "imtll",
     "cr-mogm": "crmogm", "cr_mogm": "crmogm",
+    "db-mtl": "dbmtl", "db_mtl": "dbmtl",
     "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean",
     "con-fig": "config", "con_fig": "config",
     "auto-lambda": "autolambda", "auto_lambda": "autolambda",
@@ -148,7 +151,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
     "imtll": "unnormalised", "imtl": "unnormalised", "stch": "convex", "gls": "unnormalised",
     "pbi": "unnormalised", "cosmos": "unnormalised",
-    "modo": "convex", "crmogm": "convex",
+    "modo": "convex", "crmogm": "convex", "dbmtl": "unnormalised",
     "trimmedmean": "unnormalised", "krum": "convex", "config": "sum",
     "autolambda": "unnormalised",
 }
