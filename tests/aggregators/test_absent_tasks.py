@@ -160,6 +160,9 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         mass = lam.sum()
         s["y"] = s["y"][idx].clone()
         s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
+    elif base == "pcd" and s["sq_norm_ema"] is not None:
+        s["sq_norm_ema"] = s["sq_norm_ema"][idx].clone()
+        s["task_steps"] = s["task_steps"][idx].clone()
     elif base == "crmogm" and s["lambda"] is not None:
         s["lambda"] = s["lambda"][idx].clone()  # the default base (mgda) keeps no state
     elif base == "dbmtl" and s["m"] is not None:
@@ -221,6 +224,10 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
         y = full["y"] if full["y"] is not None else torch.zeros(T, D, dtype=new["y"].dtype)
         s["y"] = _put(y, new["y"], (0,), idx)
         s["lambda"] = _put(lam, new["lambda"] * mass, (0,), idx)
+    elif base == "pcd":
+        for key, dt in (("sq_norm_ema", torch.float64), ("task_steps", torch.int64)):
+            prev = full[key] if full[key] is not None else torch.zeros(T, dtype=dt)
+            s[key] = _put(prev, new[key], (0,), idx)
     elif base == "crmogm":
         prev = full["lambda"] if full["lambda"] is not None else torch.full(
             (T,), NAN, dtype=new["lambda"].dtype)
@@ -267,7 +274,7 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
 TASK_AXES = {"phi_hat": (0, 1), "y": (0,), "m": (0,), "lambda": (0,), "alpha": (0,), "a": (0,),
              "history": (1,), "running": (0,), "value": (0,), "exp_avg": (0,),
              "exp_avg_sq": (0,), "steps": (0,), "prev_losses": (0,), "initial_losses": (0,),
-             "task_count": (0,)}
+             "task_count": (0,), "sq_norm_ema": (0,), "task_steps": (0,)}
 
 
 def task_slices(state: Any, idx: Tensor, prefix: str = "") -> dict[str, Tensor]:

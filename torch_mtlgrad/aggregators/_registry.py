@@ -53,7 +53,8 @@ test suite):
   ``autolambda`` (weights ``lambda``: ``init = 0.1`` at the start,
   meta-learned and unconstrained after), ``trimmedmean`` (coordinate-wise: each coordinate of ``d`` between
   its column's smallest and largest value, ``g`` on equal rows, but no combination of the
-  rows), and every
+  rows), ``pcd`` (``||d|| = ||g_1||``, the primary task's: ``g`` on equal rows, with weights
+  that no longer sum to 1 once a constraint is active), and every
   ``"<name>+tension"``: it returns its base's direction during the first ``window`` calls, but
   then adds tension vectors of unit length (``scale="unit"``, the paper's) and the feasibility
   projection, so the result is neither the base's scale nor any fixed one.
@@ -117,6 +118,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "trimmedmean": (f"{_PKG}.trimmedmean", "TrimmedMean", True),
     "krum": (f"{_PKG}.krum", "Krum", True),
     "config": (f"{_PKG}.config", "ConFIG", True),
+    "pcd": (f"{_PKG}.pcd", "PCD", True),
     "autolambda": (f"{_PKG}.autolambda", "AutoLambda", False),
 }
 
@@ -152,7 +154,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "imtll": "unnormalised", "imtl": "unnormalised", "stch": "convex", "gls": "unnormalised",
     "pbi": "unnormalised", "cosmos": "unnormalised",
     "modo": "convex", "crmogm": "convex", "dbmtl": "unnormalised",
-    "trimmedmean": "unnormalised", "krum": "convex", "config": "sum",
+    "trimmedmean": "unnormalised", "krum": "convex", "config": "sum", "pcd": "unnormalised",
     "autolambda": "unnormalised",
 }
 
