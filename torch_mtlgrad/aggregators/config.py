@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
+from .imtlg import cosines64
 from .upgrad import check_pref_vector
 
 __all__ = ["ConFIG", "config_weights"]
@@ -75,14 +76,9 @@ def config_weights(G: Tensor, pref: Tensor | None = None, rtol: float | None = N
     T = G.shape[0]
     eps = torch.finfo(G.dtype).eps
     rtol = T * eps if rtol is None else rtol
-    G64 = G.to(torch.float64)
-    G64 = 0.5 * (G64 + G64.T)
+    G64, inv_n, C = cosines64(G)
     p = G64.new_ones(T) if pref is None else pref.to(G64)
     p = p / p.max()
-    n = torch.diagonal(G64).clamp_min(0).sqrt()
-    nz = n > torch.finfo(G.dtype).tiny ** 0.5
-    inv_n = torch.where(nz, 1.0 / torch.where(nz, n, torch.ones_like(n)), torch.zeros_like(n))
-    C = G64 * inv_n[:, None] * inv_n[None, :]
     c = torch.linalg.pinv(C, hermitian=True, rtol=rtol) @ p  # x = U^T c
     v = c * inv_n
     sq = v @ G64 @ v  # ||x||^2 = ||g_u||^2 before normalising

@@ -46,7 +46,25 @@ from torch import Tensor
 
 from ._base import WeightedAggregator
 
-__all__ = ["IMTLG", "imtlg_weights"]
+__all__ = ["IMTLG", "cosines64", "imtlg_weights"]
+
+
+def cosines64(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``G`` in float64 (symmetrised), the inverse row norms ``1 / ||g_t||`` (0 for a zero row,
+    which has no unit vector) and the cosine matrix ``C = N^{-1} G N^{-1}`` (its zero rows and
+    columns at zero gradients): what the methods built on the unit gradients read.
+
+    Example:
+        >>> cosines64(torch.tensor([[4.0, 2.0], [2.0, 1.0]]))[2]
+        tensor([[1., 1.],
+                [1., 1.]], dtype=torch.float64)
+    """
+    G64 = G.to(torch.float64)
+    G64 = 0.5 * (G64 + G64.T)
+    n = torch.diagonal(G64).clamp_min(0).sqrt()
+    nz = n > torch.finfo(G.dtype).tiny ** 0.5
+    inv_n = torch.where(nz, 1.0 / torch.where(nz, n, torch.ones_like(n)), torch.zeros_like(n))
+    return G64, inv_n, G64 * inv_n[:, None] * inv_n[None, :]
 
 
 def imtlg_weights(G: Tensor, rtol: float | None = None) -> Tensor:
@@ -69,17 +87,12 @@ def imtlg_weights(G: Tensor, rtol: float | None = None) -> Tensor:
     T = G.shape[0]
     eps = torch.finfo(G.dtype).eps
     rtol = T * eps if rtol is None else rtol
-    G64 = G.to(torch.float64)
-    G64 = 0.5 * (G64 + G64.T)
-    n = torch.diagonal(G64).clamp_min(0).sqrt()
-    nz = n > torch.finfo(G.dtype).tiny ** 0.5
-    inv_n = torch.where(nz, 1.0 / torch.where(nz, n, torch.ones_like(n)), torch.zeros_like(n))
-    C = G64 * inv_n[:, None] * inv_n[None, :]  # cosines; zero rows/columns for zero gradients
+    _, inv_n, C = cosines64(G)  # zero rows/columns of C for zero gradients
     evals, V = torch.linalg.eigh(C)
     keep = evals > rtol * evals.max().clamp_min(0)
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)),
                       torch.zeros_like(evals))
-    ones = nz.to(torch.float64)
+    ones = (inv_n > 0).to(torch.float64)
     v_unit = V @ (inv * (V.T @ ones))  # weights of the unit gradients u_t
     v = v_unit * inv_n  # weights of the gradients g_t
     s = v.sum()
