@@ -16,10 +16,13 @@ linear head per task; all are trained with ``MultiTaskOptimizer(Adam, aggregator
 Through a 2-wide bottleneck no single representation serves both families with linear heads;
 NORMAL lets each task read the flow at its own depth.  The script prints the test accuracy of
 each model, NORMAL's positions, the distance matrix ``|p_i - p_j|`` and the two groups cut from
-it, and saves the positions over training (the paper's Fig. 2) with the distance matrix to a PNG.
+it, and saves the positions over training (the paper's Fig. 2) with the distance matrix to
+``normal_positions.png`` in ``--out`` (default: a new folder under the current directory,
+printed).
 
-Run:  python examples/normal_positions.py [--epochs 300] [--seed 0] [--out normal_positions.png]
-(the plot needs matplotlib: ``pip install matplotlib``; ``--no-plot`` skips it)
+Run:  python examples/normal_positions.py [--epochs 300] [--seed 0] [--out DIR] [--quiet]
+(the plot needs matplotlib and the progress bar tqdm: ``pip install "torch_mtlgrad[examples]"``;
+``--no-plot`` skips the plot and writes nothing)
 
 How cleanly the families separate depends on the seed: with the default seed all eight tasks
 fall into their family's group; over seeds 0-4 NORMAL had the best mean accuracy in 4 of 5 and
@@ -35,9 +38,18 @@ import math
 import time
 
 import torch
+from _common import (  # examples/_common.py
+    add_output_args,
+    nonnegative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    progress,
+    table,
+)
 from torch import nn
 
-from torch_mtlgrad import MultiTaskOptimizer
+from torch_mtlgrad import MultiTaskOptimizer, aggregators
 from torch_mtlgrad.normal import (
     PositionUpdater,
     TimeAwareODE,
@@ -89,7 +101,7 @@ def train(kind: str, data, args) -> tuple[torch.Tensor, PositionUpdater | None, 
     opt = MultiTaskOptimizer(base, shared=model.shared(), aggregator=args.aggregator,
                              plugins=[updater] if updater is not None else [])
     t0 = time.perf_counter()
-    for _ in range(args.epochs):
+    for _ in progress(range(args.epochs), args, desc=kind):
         opt.zero_grad()
         out = model(xtr)
         opt.backward([nn.functional.binary_cross_entropy_with_logits(out[:, t], ytr[:, t])
@@ -131,21 +143,26 @@ def plot(updater: PositionUpdater, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=300, help="full-batch steps")
-    ap.add_argument("--n-train", type=int, default=1000)
-    ap.add_argument("--n-test", type=int, default=4000)
-    ap.add_argument("--width", type=int, default=2, help="encoder output width (bottleneck)")
-    ap.add_argument("--lr", type=float, default=1e-2, help="Adam step size (mu)")
-    ap.add_argument("--eta", type=float, default=0.5, help="positions' step size (eta)")
-    ap.add_argument("--max-move", type=float, default=None,
+    ap.add_argument("--epochs", type=positive_int, default=300, help="full-batch steps")
+    ap.add_argument("--n-train", type=positive_int, default=1000)
+    ap.add_argument("--n-test", type=positive_int, default=4000)
+    ap.add_argument("--width", type=positive_int, default=2,
+                    help="encoder output width (bottleneck)")
+    ap.add_argument("--lr", type=positive_float, default=1e-2, help="Adam step size (mu)")
+    ap.add_argument("--eta", type=positive_float, default=0.5, help="positions' step size (eta)")
+    ap.add_argument("--max-move", type=positive_float, default=None,
                     help="clamp each position's move per step (PositionUpdater(max_move=...))")
-    ap.add_argument("--step-size", type=float, default=0.1, help="Euler step size")
+    ap.add_argument("--step-size", type=positive_float, default=0.1, help="Euler step size")
     ap.add_argument("--aggregator", default="mean")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="normal_positions.png")
-    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--no-plot", action="store_true", help="no figure (and no --out folder)")
+    add_output_args(ap)
     args = ap.parse_args()
+    try:
+        aggregators.get(args.aggregator)
+    except ValueError as e:
+        ap.error(f"--aggregator: {e}")
     torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -156,13 +173,14 @@ def main() -> None:
 
     names = {"hps": "HPS", "fixed": "fixed block (p=1)", "normal": "NORMAL"}
     print(f"test accuracy (%), {args.epochs} steps, seed {args.seed}")
-    print("| model | " + " | ".join(f"t{t}" for t in range(8)) + " | linear | radial | mean | train s |")
-    print("|---" * 13 + "|")
+    rows = []
     for kind, (acc, _, sec) in results.items():
         a = 100 * acc
         fam = {f: a[ts].mean().item() for f, ts in FAMILIES.items()}
-        print(f"| {names[kind]} | " + " | ".join(f"{v:.1f}" for v in a.tolist())
-              + f" | {fam['linear']:.1f} | {fam['radial']:.1f} | {a.mean().item():.1f} | {sec:.0f} |")
+        rows.append([names[kind], *a.tolist(), fam["linear"], fam["radial"], a.mean().item(),
+                     f"{sec:.1f}"])
+    print(table(["model", *(f"t{t}" for t in range(8)), "linear", "radial", "mean", "train s"],
+                rows, digits=1))
 
     updater = results["normal"][1]
     assert updater is not None
@@ -188,10 +206,13 @@ def main() -> None:
 
     if not args.no_plot:
         try:
-            plot(updater, args.out)
-            print(f"saved {args.out}")
+            import matplotlib  # noqa: F401
         except ImportError:
             print("matplotlib is not installed: no plot (pip install matplotlib)")
+        else:
+            path = output_dir(args, "normal") / "normal_positions.png"
+            plot(updater, str(path))
+            print(f"saved {path}")
 
 
 if __name__ == "__main__":
