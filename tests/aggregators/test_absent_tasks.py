@@ -155,10 +155,11 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
     s = copy.deepcopy(state)
     if base == "gradvac" and s["phi_hat"] is not None:
         s["phi_hat"] = _take(s["phi_hat"], (0, 1), idx)
-    elif base == "moco" and s["y"] is not None:
+    elif base in ("moco", "modo") and s["lambda"] is not None:  # lambda on the simplex
         lam = s["lambda"][idx]
         mass = lam.sum()
-        s["y"] = s["y"][idx].clone()
+        if base == "moco":
+            s["y"] = s["y"][idx].clone()
         s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
     elif base == "pcd" and s["sq_norm_ema"] is not None:
         s["sq_norm_ema"] = s["sq_norm_ema"][idx].clone()
@@ -167,10 +168,6 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         s["lambda"] = s["lambda"][idx].clone()  # the default base (mgda) keeps no state
     elif base == "dbmtl" and s["m"] is not None:
         s["m"] = s["m"][idx].clone()
-    elif base == "modo" and s["lambda"] is not None:
-        lam = s["lambda"][idx]
-        mass = lam.sum()
-        s["lambda"] = lam / mass if mass > 0 else torch.full_like(lam, 1 / idx.numel())
     elif base == "nashmtl":
         for key in ("alpha", "a"):
             if s[key] is not None:
@@ -214,15 +211,16 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
         prev = full["phi_hat"]
         prev = torch.zeros(T, T, dtype=new["phi_hat"].dtype) if prev is None else prev
         s["phi_hat"] = _put(prev, new["phi_hat"], (0, 1), idx)
-    elif base == "moco":
+    elif base in ("moco", "modo"):
         lam, mass = full["lambda"], None
         if lam is None:
             lam = torch.full((T,), 1.0 / T, dtype=new["lambda"].dtype)
             mass = torch.tensor(idx.numel() / T, dtype=lam.dtype)
         else:
             mass = lam[idx].sum()
-        y = full["y"] if full["y"] is not None else torch.zeros(T, D, dtype=new["y"].dtype)
-        s["y"] = _put(y, new["y"], (0,), idx)
+        if base == "moco":
+            y = full["y"] if full["y"] is not None else torch.zeros(T, D, dtype=new["y"].dtype)
+            s["y"] = _put(y, new["y"], (0,), idx)
         s["lambda"] = _put(lam, new["lambda"] * mass, (0,), idx)
     elif base == "pcd":
         for key, dt in (("sq_norm_ema", torch.float64), ("task_steps", torch.int64)):
@@ -235,14 +233,6 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
     elif base == "dbmtl":
         prev = full["m"] if full["m"] is not None else torch.zeros(T, D, dtype=new["m"].dtype)
         s["m"] = _put(prev, new["m"], (0,), idx)
-    elif base == "modo":
-        lam = full["lambda"]
-        if lam is None:
-            lam = torch.full((T,), 1.0 / T, dtype=new["lambda"].dtype)
-            mass = torch.tensor(idx.numel() / T, dtype=lam.dtype)
-        else:
-            mass = lam[idx].sum()
-        s["lambda"] = _put(lam, new["lambda"] * mass, (0,), idx)
     elif base == "nashmtl":
         for key, fill in (("alpha", NAN), ("a", 1.0)):
             prev = full[key] if full[key] is not None else torch.full((T,), fill,

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from ._base import Aggregator
+from ._simplex import SimplexState
 from ._solvers import project_simplex
 
 __all__ = ["MoCo"]
@@ -62,7 +63,7 @@ __all__ = ["MoCo"]
 Normalize = Literal["none", "loss"]
 
 
-class MoCo(Aggregator):
+class MoCo(SimplexState, Aggregator):
     """MoCo (Fernando et al., 2023, Algorithm 1): tracked gradients ``y`` and weights ``lambda``.
 
     Args:
@@ -164,39 +165,6 @@ class MoCo(Aggregator):
 
     def _task_state(self) -> dict[str, tuple[tuple[int, ...], float]]:
         return {"y": ((0,), 0.0)}
-
-    def _known_num_tasks(self) -> int | None:
-        return None if self.lam is None else int(self.lam.shape[0])
-
-    def _restrict(self, idx: Tensor, num_tasks: int) -> dict[str, Any]:
-        saved = super()._restrict(idx, num_tasks)
-        full = self.lam
-        saved["lam"] = full
-        if full is not None:
-            lam = full[idx.to(full.device)]
-            mass = lam.sum()
-            saved["mass"] = mass
-            self.lam = torch.where(mass > 0, lam / mass.clamp_min(torch.finfo(lam.dtype).tiny),
-                                   torch.full_like(lam, 1.0 / idx.numel()))
-        else:
-            saved["mass"] = None
-        return saved
-
-    def _unrestrict(self, saved: dict[str, Any]) -> None:
-        super()._unrestrict(saved)
-        self.lam = saved["lam"]
-
-    def _scatter(self, saved: dict[str, Any], idx: Tensor, num_tasks: int) -> None:
-        super()._scatter(saved, idx, num_tasks)
-        new, full, mass = self.lam, saved["lam"], saved["mass"]
-        if new is None:
-            self.lam = full
-            return
-        if full is None:  # the initial lambda: 1/T for every task
-            full = new.new_full((num_tasks,), 1.0 / num_tasks)
-            mass = new.new_tensor(idx.numel() / num_tasks)
-        full = full.to(new)
-        self.lam = full.index_copy(0, idx.to(new.device), new * mass.to(new))
 
     # State -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
