@@ -100,9 +100,9 @@ class ConFIG(WeightedAggregator):
         rtol: relative eigenvalue cut-off of the pseudo-inverse (default ``T * eps`` of ``J``'s
             dtype).
 
-    Computed from ``G = J J^T`` only (see the module docstring).  ``diagnostics["cosines"]``:
-    the cosine of each gradient with ``d`` (0 for a zero gradient; all equal when an
-    equal-angle direction exists and ``pref_vector`` is ``None``).
+    Computed from ``G = J J^T`` only (see the module docstring).  No diagnostics of its own:
+    the optimizer's (each row's angle to ``d``, from ``G`` and the weights) show the equal
+    angles.
 
     Example:
         >>> import torch
@@ -145,15 +145,8 @@ class ConFIG(WeightedAggregator):
         if pref is not None and not bool((pref > 0).any()):
             raise ValueError("pref_vector is 0 at every present task: at least one present task "
                              "needs a positive weight")
-        w = config_weights(G, pref, self.rtol)
-        n = torch.diagonal(G).clamp_min(0).sqrt()
-        dn = (w @ G @ w).clamp_min(0).sqrt()
-        denom = n * dn
-        ok = denom > 0
-        cos = torch.where(ok, (G @ w) / torch.where(ok, denom, torch.ones_like(denom)),
-                          torch.zeros_like(denom))
-        self.diagnostics = {"cosines": cos}
-        return w
+        self.diagnostics = {}
+        return config_weights(G, pref, self.rtol)
 
     def __repr__(self) -> str:
         pref = None if self.pref_vector is None else self.pref_vector.tolist()
