@@ -32,6 +32,7 @@ from torch import nn
 
 from torch_mtlgrad import MultiTaskOptimizer
 from torch_mtlgrad.aggregators import available, get
+from torch_mtlgrad.aggregators._registry import needs_validation
 
 from ._helpers import Net, T, data
 
@@ -68,8 +69,13 @@ class Run:
             base = name.split("+")[0]
             self.model = Net()
             agg = get(name, **REQUIRED_KWARGS.get(base, {}))
+            kw: dict[str, Any] = {}
+            if needs_validation(name):  # a validation batch of its own
+                xv, yv = data(1000)
+                kw["validation_losses"] = lambda: [nn.functional.mse_loss(o, y) for o, y in
+                                                   zip(self.model(xv), yv)]
             self.opt = MultiTaskOptimizer(torch.optim.Adam(self.model.parameters(), lr=1e-2),
-                                          shared=self.model.encoder, aggregator=agg)
+                                          shared=self.model.encoder, aggregator=agg, **kw)
         elif name == "conal":
             self.model = Net()
             self.opt = MultiTaskOptimizer(

@@ -223,3 +223,17 @@ def test_rescaled_form_reads_the_staged_input() -> None:
     agg.set_validation(torch.tensor([1.0, -1.0], dtype=torch.float64))
     out = agg.aggregate(J)
     assert_close(out.weights, 2 * torch.tensor([0.2, 0.0], dtype=torch.float64), rtol=1e-12)
+
+
+def test_zero_rows_and_nonfinite_losses() -> None:
+    """What the every-name tests check of the others (they run no validation batch): zero rows
+    give a finite direction (their meta-gradient is 0), a non-finite loss names its task."""
+    J = torch.randn(3, 7)
+    for case in (J.index_fill(0, torch.tensor([1]), 0.0), torch.zeros(3, 7)):
+        agg = Fed(torch.randn(7), lr=0.1)
+        for _ in range(5):
+            assert bool(torch.isfinite(agg(case, torch.tensor([0.5, 1.0, 2.0]))).all())
+        assert bool((agg.diagnostics["meta_grad"][1] == 0).all())
+    with pytest.raises(NonFiniteError, match="task 3 \\(value 2 of losses\\)"):
+        Fed(torch.ones(7)).aggregate(J, torch.tensor([1.0, 1.0, float("nan")]),
+                                     present=[True, False, True, True])
