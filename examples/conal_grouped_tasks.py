@@ -21,9 +21,12 @@ What the script does, in order:
 
 Run (about 1 minute per seed on one CPU core)::
 
-    python examples/conal_grouped_tasks.py --seeds 0,1,2,3,4 --plot conal.png --json conal.json
+    python examples/conal_grouped_tasks.py --seeds 0,1,2,3,4 --out DIR
 
-``--quick`` runs fewer steps; ``tests/conal/test_grouped.py`` asserts the claims on a smaller run.
+It writes ``conal.json`` (the numbers) and ``conal.png`` (the first seed's conflict ratios and
+``p*``; needs matplotlib) into ``--out`` (default: a new folder under the current directory,
+printed); ``--quiet`` hides the progress bars (tqdm).  ``--quick`` runs fewer steps;
+``tests/conal/test_grouped.py`` asserts the claims on a smaller run.
 """
 
 from __future__ import annotations
@@ -35,8 +38,20 @@ import warnings
 from typing import Any
 
 import torch
+from _common import (  # examples/_common.py
+    add_output_args,
+    nonnegative_float,
+    nonnegative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    progress,
+    seed_list,
+    table,
+)
 from torch import Tensor, nn
 
+from torch_mtlgrad import aggregators
 from torch_mtlgrad.conal import (
     Architecture,
     BilevelSearch,
@@ -89,7 +104,8 @@ def level_conflicts(net: BranchedNetwork, noticing: ConflictNoticing | None) -> 
 
 
 def retrain(net: BranchedNetwork, data: GroupedTasks, steps: int, lr: float, aggregator: str,
-            eval_every: int = 20, early: int = 100) -> dict[str, Any]:
+            eval_every: int = 20, early: int = 100,
+            args: argparse.Namespace | None = None, desc: str = "retrain") -> dict[str, Any]:
     """Train from scratch; report the test losses at the best validation loss (early stopping),
     and the per-module conflict ratios over the first ``early`` steps and over the whole run."""
     reinitialize(net)
@@ -102,7 +118,7 @@ def retrain(net: BranchedNetwork, data: GroupedTasks, steps: int, lr: float, agg
         opt = None
     best = (float("inf"), None, 0)
     conflicts_early: list[float | None] = [None] * K
-    for s in range(steps):
+    for s in progress(range(steps), args or argparse.Namespace(quiet=True), desc=desc):
         if s == early:
             conflicts_early = level_conflicts(net, noticing)
         losses = task_losses(net(data.x_train), data.y_train)
@@ -130,7 +146,7 @@ def pretrain(data: GroupedTasks, args: argparse.Namespace) -> BranchedNetwork:
     net = build_network(Architecture.hard_sharing(T, K), make_chain(args.dim, args.width, args.bottleneck),
                         make_heads(T, args.bottleneck), reinit=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    for _ in range(args.pretrain_steps):
+    for _ in progress(range(args.pretrain_steps), args, desc="pre-training"):
         opt.zero_grad()
         sum(task_losses(net(data.x_train), data.y_train)).backward()
         opt.step()
@@ -160,7 +176,7 @@ def conal(data: GroupedTasks, pre: BranchedNetwork, args: argparse.Namespace) ->
     val = lambda: task_losses(space(data.x_val), data.y_val)
     train = lambda: task_losses(space(data.x_train), data.y_train)
     pstar = []
-    for s in range(args.search_steps):
+    for s in progress(range(args.search_steps), args, desc="CoNAL search"):
         if s < args.alpha_warmup:
             search.weight_step(train())
         else:
@@ -190,7 +206,7 @@ def conal_pro(data: GroupedTasks, pre: BranchedNetwork, args: argparse.Namespace
         return [nn.functional.mse_loss(o, ys[t]) for t, o in zip(pro.tasks, pro.space(x))]
 
     while not pro.done:
-        for s in range(args.pro_steps):
+        for s in progress(range(args.pro_steps), args, desc="CoNAL-Pro stage"):
             if s >= args.alpha_warmup:
                 pro.alpha_step(losses(data.x_val, data.y_val))
             pro.weight_step(losses(data.x_train, data.y_train))
@@ -199,13 +215,13 @@ def conal_pro(data: GroupedTasks, pre: BranchedNetwork, args: argparse.Namespace
 
 
 def fmt(v: float | None) -> str:
-    return "   -  " if v is None else f"{100 * v:6.1f}"
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     """Everything above for ``args.seed``: prints the tables, returns the numbers."""
     t0 = time.time()
-    groups = tuple(int(g) for g in args.groups.split(","))
+    groups = tuple(args.groups)
     data = grouped_regression(groups, dim=args.dim, features=args.bottleneck, n_train=args.n_train,
                               noise=args.noise, within=0.0, seed=args.seed)
     T = data.num_tasks
@@ -215,28 +231,32 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
         return build_network(arch, make_chain(args.dim, args.width, args.bottleneck), make_heads(T, args.bottleneck))
 
     torch.manual_seed(args.seed + 1)
-    hps = retrain(fresh(Architecture.hard_sharing(T, K)), data, args.retrain_steps, args.lr, args.aggregator)
+    hps = retrain(fresh(Architecture.hard_sharing(T, K)), data, args.retrain_steps, args.lr, args.aggregator,
+                  args=args, desc="HPS")
     torch.manual_seed(args.seed + 1)
-    stl = retrain(fresh(Architecture.single_task(T, K)), data, args.retrain_steps, args.lr, args.aggregator)
+    stl = retrain(fresh(Architecture.single_task(T, K)), data, args.retrain_steps, args.lr, args.aggregator,
+                  args=args, desc="STL")
     pre = pretrain(data, args)
     c = conal(data, pre, args)
     arch = c["derived"].architecture
     torch.manual_seed(args.seed + 1)
-    conal_rt = retrain(c["derived"].network, data, args.retrain_steps, args.lr, args.aggregator)
+    conal_rt = retrain(c["derived"].network, data, args.retrain_steps, args.lr, args.aggregator,
+                       args=args, desc="CoNAL retrain")
     pro = conal_pro(data, pre, args)
     torch.manual_seed(args.seed + 1)
-    pro_rt = retrain(pro.network, data, args.retrain_steps, args.lr, args.aggregator)
+    pro_rt = retrain(pro.network, data, args.retrain_steps, args.lr, args.aggregator,
+                     args=args, desc="CoNAL-Pro retrain")
     elapsed = time.time() - t0
     planted = {t: g for g, ts in enumerate(data.groups) for t in ts}
 
     print("\nTable 1 analogue: % of task pairs with a negative gradient cosine per shared module,")
     print("over the first 100 training steps | over the whole run (- : no module of that level is")
     print("shared by two tasks; a task that does not use a module has a zero gradient there)")
-    print(f"{'':28s}" + "".join(f"   f_S^{k + 1}" for k in range(K)) + "   |" + "".join(f"   f_S^{k + 1}" for k in range(K)))
-    for name, r in (("HPS", hps), ("CoNAL derived", conal_rt), ("CoNAL-Pro derived", pro_rt)):
-        print(f"{name + ' (training)':28s}" + "".join(f"  {fmt(v)}" for v in r["conflicts_early"]) + "   |"
-              + "".join(f"  {fmt(v)}" for v in r["conflicts"]))
-    print(f"{'CoNAL search (raw, eq. 4)':28s}" + " " * 27 + "   |" + "".join(f"  {fmt(v)}" for v in c["search_conflicts"]))
+    rows = [[f"{name} (training)", *map(fmt, r["conflicts_early"]), "|", *map(fmt, r["conflicts"])]
+            for name, r in (("HPS", hps), ("CoNAL derived", conal_rt), ("CoNAL-Pro derived", pro_rt))]
+    rows.append(["CoNAL search (raw, eq. 4)", *[""] * K, "|", *map(fmt, c["search_conflicts"])])
+    levels = [f"f_S^{k + 1}" for k in range(K)]
+    print(table(["", *levels, "|", *levels], rows))
     ps = c["pstar"]
     print("\nCoNAL search: p* = first conflicting module per step; share of steps with p* = "
           + ", ".join(f"{k}: {ps.count(k) / len(ps):.2f}" for k in range(K + 1)) + f" ({K} = none)")
@@ -252,10 +272,10 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
               f"shared-branch weight {[round(w[0], 2) for w in st['weights']]}, subgroup {st['group']}")
     print("\nHeld-out test MSE (at the best validation step), retrained from scratch with "
           f"{args.aggregator}:")
-    rows = [("HPS", hps), ("STL", stl), ("CoNAL", conal_rt), ("CoNAL-Pro", pro_rt)]
-    for name, r in rows:
-        print(f"  {name:10s} mean {r['test_mean']:.4f}  params {r['params']:6d}  per task "
-              + " ".join(f"{v:.3f}" for v in r["test"]))
+    print(table(["network", "mean", "params", *(f"task {t}" for t in range(T))],
+                [[name, r["test_mean"], r["params"], *(f"{v:.3f}" for v in r["test"])]
+                 for name, r in (("HPS", hps), ("STL", stl), ("CoNAL", conal_rt),
+                                 ("CoNAL-Pro", pro_rt))]))
     print(f"\ntotal {elapsed:.0f} s")
 
     result = {
@@ -273,38 +293,53 @@ def run_seed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def group_sizes(text: str) -> list[int]:
+    """argparse ``type=``: comma-separated group sizes, each >= 1, at least two groups."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 4,2, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"need at least two groups of at least one task, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--groups", default="4,2", help="tasks per planted group")
-    ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--bottleneck", type=int, default=1, help="width of the last module = teacher features per group")
-    ap.add_argument("--n-train", type=int, default=256)
-    ap.add_argument("--noise", type=float, default=0.2)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--groups", type=group_sizes, default=[4, 2], help="tasks per planted group, e.g. 4,2")
+    ap.add_argument("--dim", type=positive_int, default=16)
+    ap.add_argument("--width", type=positive_int, default=32)
+    ap.add_argument("--bottleneck", type=positive_int, default=1, help="width of the last module = teacher features per group")
+    ap.add_argument("--n-train", type=positive_int, default=256)
+    ap.add_argument("--noise", type=nonnegative_float, default=0.2)
+    ap.add_argument("--lr", type=positive_float, default=1e-2)
     ap.add_argument("--alpha-opt", choices=["sgd", "adam"], default="sgd")
-    ap.add_argument("--alpha-lr", type=float, default=1.0)
+    ap.add_argument("--alpha-lr", type=positive_float, default=1.0)
     ap.add_argument("--pro-notice", choices=["path", "chain", "decision"], default="path")
-    ap.add_argument("--pro-margin", type=float, default=0.1)
-    ap.add_argument("--alpha-warmup", type=int, default=100, help="weight-only steps before alpha moves")
-    ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--search-steps", type=int, default=400)
-    ap.add_argument("--pro-steps", type=int, default=300, help="steps per CoNAL-Pro stage")
-    ap.add_argument("--retrain-steps", type=int, default=600)
+    ap.add_argument("--pro-margin", type=nonnegative_float, default=0.1)
+    ap.add_argument("--alpha-warmup", type=nonnegative_int, default=100, help="weight-only steps before alpha moves")
+    ap.add_argument("--pretrain-steps", type=nonnegative_int, default=600)
+    ap.add_argument("--search-steps", type=positive_int, default=400)
+    ap.add_argument("--pro-steps", type=positive_int, default=300, help="steps per CoNAL-Pro stage")
+    ap.add_argument("--retrain-steps", type=positive_int, default=600)
     ap.add_argument("--aggregator", default="rlw", help="retraining aggregator (eq. 3: rlw)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds to run one after the other, e.g. 0,1,2")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=nonnegative_int, default=0)
+    ap.add_argument("--seeds", type=seed_list, default=None, help="comma-separated seeds to run one after the other, e.g. 0,1,2")
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--quick", action="store_true", help="a smaller run (fewer steps)")
-    ap.add_argument("--plot", default=None, help="write a figure (needs matplotlib)")
-    ap.add_argument("--json", default=None, help="write the numbers as JSON")
+    ap.add_argument("--no-plot", action="store_true", help="no figure")
+    add_output_args(ap)
     args = ap.parse_args(argv)
+    try:
+        aggregators.get(args.aggregator)
+    except ValueError as e:
+        ap.error(f"--aggregator: {e}")
     if args.quick:
         args.search_steps, args.pro_steps, args.retrain_steps = 250, 200, 300
     torch.set_num_threads(args.threads)
     # in a derived network some tasks use no shared module at all: their zero row is expected
     warnings.filterwarnings("ignore", message=".*does not depend on the shared parameters.*")
-    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    seeds = args.seeds or [args.seed]
     results = []
     for seed in seeds:
         args.seed = seed
@@ -320,11 +355,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  test MSE {name:10s} mean {sum(vals) / n:.4f}  per seed " + " ".join(f"{v:.4f}" for v in vals))
         print(f"  total {sum(r['seconds'] for r in results):.0f} s")
     out = results[0] if len(results) == 1 else {"seeds": seeds, "runs": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=list)
-    if args.plot:
-        plot(results[0], results[0]["pstar"], args.plot)
+    folder = output_dir(args, "conal")
+    with open(folder / "conal.json", "w") as f:
+        json.dump(out, f, indent=1, default=list)
+    print(f"wrote {folder / 'conal.json'}")
+    if not args.no_plot:
+        try:
+            plot(results[0], results[0]["pstar"], str(folder / "conal.png"))
+            print(f"wrote {folder / 'conal.png'}")
+        except ImportError:
+            print("matplotlib is not installed (pip install matplotlib): no figure")
     return out
 
 
