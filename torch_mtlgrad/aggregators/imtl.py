@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .imtlg import imtlg_weights
+from .imtlg import IMTLG, imtlg_weights
 from .imtll import IMTLL
 
 __all__ = ["IMTL"]
@@ -73,9 +73,12 @@ class IMTL(IMTLL):
     def __init__(self, lr: float = 1e-3, optimizer: str = "adam", init_log_scale: float = 0.0,
                  rtol: float | None = None) -> None:
         super().__init__(lr, optimizer, init_log_scale)  # type: ignore[arg-type]
-        if rtol is not None and not (isinstance(rtol, (int, float)) and rtol >= 0):
-            raise ValueError(f"rtol must be a non-negative number or None, got {rtol!r}")
-        self.rtol = rtol
+        self._balance = IMTLG(rtol)  # the gradient half's settings (validated there)
+
+    @property
+    def rtol(self) -> float | None:
+        """IMTL-G's eigenvalue cut-off."""
+        return self._balance.rtol
 
     def weighting(self, G: Tensor | None, losses: Tensor | None, *, num_tasks: int,
                   dtype: torch.dtype, device: torch.device) -> Tensor:
