@@ -154,8 +154,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
             DDP modules owning the parameters need no ``no_sync()``); see
             :func:`torch_mtlgrad.distributed.first_step`.  ``False``: never.  A process group, or
             the ``DistributedDataParallel`` module: use its group.
-        validation_losses: for a method that meta-learns on a validation batch (``"autolambda"``,
-            :func:`~torch_mtlgrad.aggregators._registry.needs_validation`): ``fn()`` computes
+        validation_losses: for a method that meta-learns on a validation batch
+            (``"autolambda"``; the registry's ``needs_validation(name)``): ``fn()`` computes
             the validation losses (one per task, ``None`` for a task without one, or their sum)
             on a batch it draws.  Each step then takes the method's look-ahead step of the
             parameters, calls ``fn()`` there, captures the gradient over the shared parameters
