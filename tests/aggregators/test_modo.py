@@ -56,7 +56,7 @@ def test_matches_hand_computed_update(T: int, D: int, seed: int, gamma: float, r
                                    atol=1e-12 * max(1.0, np.abs(J).max()))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 8), st.integers(0, 2**31 - 1),
        st.sampled_from([(0.1, 0.1), (1e-3, 0.1), (0.5, 0.0)]), st.booleans())
 def test_matches_torchjd(T: int, D: int, seed: int, params: tuple[float, float],
@@ -95,16 +95,17 @@ def test_permutation_invariant_over_steps(seed: int, T: int) -> None:
                                  weights_atol=1e-12, seed=seed)
 
 
-@settings(max_examples=8, deadline=None)
-@given(gaussian_matrices(min_tasks=2, max_tasks=5, min_dim=2, max_dim=8, min_log_scale=0,
+@settings(max_examples=5, deadline=None)
+@given(gaussian_matrices(min_tasks=2, max_tasks=4, min_dim=2, max_dim=8, min_log_scale=0,
                          max_log_scale=0))
 def test_converges_to_mgda_weights_for_a_fixed_jacobian(J: torch.Tensor) -> None:
-    """With ``rho = 0`` and a step below ``1 / ||G||``, repeated calls on one ``J`` are projected
-    gradient descent on MGDA's problem: ``||lambda^T J||^2`` reaches the min-norm value."""
+    """With ``rho = 0`` and a step below ``1 / ||G||``, repeated calls on one ``J`` (here its
+    ``G``) are projected gradient descent on MGDA's problem: ``||lambda^T J||^2`` reaches the
+    min-norm value."""
     G = J @ J.T
     agg = MoDo(gamma=0.9 / float(torch.linalg.matrix_norm(G, ord=2)), rho=0.0)
     for _ in range(2000):
-        agg(J)
+        agg.aggregate_gramian(G, check_finite=False)
     w_star = min_norm_weights(G)
     best, got = float(w_star @ G @ w_star), float(agg.weights @ G @ agg.weights)
     assert got <= best + 1e-6 * float(G.diagonal().max()), (got, best)
