@@ -155,3 +155,12 @@ def test_a_newly_registered_method_appears_and_an_undocumented_one_is_refused() 
     _registry.register("zz_undocumented", __name__, "_Undocumented", scale="convex")
     with pytest.raises(ValueError, match="_Undocumented .* has no 'paper'"):
         catalog.records()
+
+
+def test_building_the_catalog_leaves_the_global_random_state_alone() -> None:
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    catalog.records()
+    catalog.suffix_records()
+    catalog.method_diagnostics("rlw")
+    assert torch.equal(torch.random.get_rng_state(), state)

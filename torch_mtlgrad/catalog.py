@@ -93,16 +93,22 @@ class MethodRecord:
         return short + (", losses" if self.needs_losses else "")
 
 
-def _default_instance(name: str, cls: type) -> Aggregator:
+def _default_instance(name: str, cls: type, num_tasks: int | None = None) -> Aggregator:
     """The method with its default arguments; a method with required ones is built from the
-    registry's keyword example (e.g. ``weights=[1.0, 2.0]`` for ``constant``)."""
+    registry's keyword example (e.g. ``weights=[1.0, 2.0]`` for ``constant``), whose lists
+    (per-task arguments) get ``num_tasks`` ones when it is given.  PyTorch's global random
+    state is left as it was (a random method draws its seed from it when built without one)."""
     example = _registry._EXAMPLES.get(name)
     kwargs = {}
     if example is not None:
         call = ast.parse(f"f({example[0]})", mode="eval").body
         assert isinstance(call, ast.Call)
         kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
-    agg: Aggregator = cls(**kwargs)
+        if num_tasks is not None:
+            kwargs = {k: [1.0] * num_tasks if isinstance(v, list) else v
+                      for k, v in kwargs.items()}
+    with torch.random.fork_rng(devices=[]):
+        agg: Aggregator = cls(**kwargs)
     return agg
 
 
@@ -137,8 +143,9 @@ def records() -> list[MethodRecord]:
 def suffix_records() -> list[MethodRecord]:
     """The two name suffixes as rows: ``"<name>+tension"`` (:class:`Tensioned`, shown with its
     defaults on a min-norm base) and ``"<name>*T"`` (:class:`Rescaled`)."""
-    tensioned = _registry.get("mgda+tension")
-    rescaled = _registry.get("mgda*T")
+    with torch.random.fork_rng(devices=[]):
+        tensioned = _registry.get("mgda+tension")
+        rescaled = _registry.get("mgda*T")
     return [
         _record("<name>+tension", Tensioned, tensioned, {}, "unnormalised", False),
         MethodRecord(name="<name>*T", aliases=(), cls=f"{Rescaled.__module__}.Rescaled",
@@ -282,24 +289,16 @@ def method_diagnostics(name: str) -> dict[str, str] | None:
     J[:, 0] = 2.0
     losses = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
     base = _registry._parse(name)[0]
-    example = _registry._EXAMPLES.get(base)
-    state = torch.random.get_rng_state()
     try:
-        if example is not None and name == base:
-            agg = _default_instance(base, _registry._resolve(base))
-            if base == "constant":
-                agg = _registry.get(base, weights=[1.0] * T)
-        else:
-            agg = _registry.get(name)
-        with warnings.catch_warnings():
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            agg = (_default_instance(base, _registry._resolve(base), T) if name == base
+                   else _registry.get(name))
             out = None
             for _ in range(12):
                 out = agg.aggregate(J, losses)
     except (TypeError, ValueError):
         return None
-    finally:
-        torch.random.set_rng_state(state)
     assert out is not None
     return {k: _shape(v.shape, T, D) for k, v in out.diagnostics.items()}
 
