@@ -260,7 +260,7 @@ class MultiTaskOptimizer(WrappedOptimizer):
         self._captured = False  # a task was captured since the last step(): not a plain backward
         self._warned_plain = False
         self._distributed, self._distributed_ready = distributed, False
-        self._validation = check_validation(validation_losses, agg, scaler)
+        self._validation = check_validation(validation_losses, agg)
         warn_all_shared(len(self.task_specific_parameters()))
         for plugin in plugins:
             self.add_plugin(plugin)
@@ -576,7 +576,8 @@ class MultiTaskOptimizer(WrappedOptimizer):
         g, eta, value = validation_gradient(
             self._validation, agg.primary_mask(captured.num_tasks), self.layout, self.optimizer,
             J.dtype, shared=shared, specific=captured.params, specific_grads=captured.grads,
-            add_grads=captured.add_grads)
+            add_grads=captured.add_grads,
+            scale=self._combine.scale_factor(J) if self._combine.scaling else None)
         if self._policy.checked and not bool(torch.isfinite(g).all()) and bool(
                 torch.isfinite(J).all()):
             self._skip = self._policy.apply(

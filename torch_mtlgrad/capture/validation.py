@@ -31,7 +31,7 @@ from .loop import capture_loop
 __all__ = ["check_validation", "validation_gradient", "validation_objective"]
 
 
-def check_validation(fn: Any, aggregator: Any, scaler: Any = None) -> Callable[[], Any] | None:
+def check_validation(fn: Any, aggregator: Any) -> Callable[[], Any] | None:
     """``validation_losses=`` checked against the method: a callable, given only to a method that
     reads a validation batch (``aggregator.needs_validation``); returns it (or ``None``)."""
     if fn is None:
@@ -43,10 +43,6 @@ def check_validation(fn: Any, aggregator: Any, scaler: Any = None) -> Callable[[
         raise ValueError(f"validation_losses= is read only by a method that meta-learns on a "
                          f"validation batch (e.g. 'autolambda'); {aggregator!r} reads none: drop "
                          "validation_losses=, or pick such a method")
-    if scaler is not None and scaler.is_enabled():
-        raise ValueError("validation_losses= does not run under a GradScaler yet (the look-ahead "
-                         "step would read the scaled gradients): train this method without "
-                         "scaler=, e.g. in bfloat16 autocast")
     return fn
 
 
@@ -106,7 +102,8 @@ def validation_gradient(fn: Callable[[], Any], primary: Sequence[bool], layout: 
                         shared: Tensor | None = None,
                         specific: Sequence[Tensor] = (),
                         specific_grads: Sequence[Tensor | None] = (),
-                        add_grads: bool = True) -> tuple[Tensor, Any, Tensor]:
+                        add_grads: bool = True,
+                        scale: Tensor | None = None) -> tuple[Tensor, Any, Tensor]:
     """``(g_val, eta, L_val)``: the gradient (``[D]``, ``dtype``) over the shared parameters of
     the validation objective at the look-ahead ``theta'``, the shared parameters' learning rates
     (a float, or ``[D]`` where the groups differ) and the objective's value.
@@ -114,7 +111,8 @@ def validation_gradient(fn: Callable[[], Any], primary: Sequence[bool], layout: 
     ``shared``: the shared parameters' ``[D]`` gradient of the virtual step (``None``: no
     look-ahead, ``fn()`` runs at ``theta``); ``specific`` / ``specific_grads``: the task-specific
     tensors and their gradients of the step (``add_grads``: added to their ``.grad``, as
-    :class:`~torch_mtlgrad.capture.Captured` says).
+    :class:`~torch_mtlgrad.capture.Captured` says); ``scale``: GradScaler's scale, which
+    every one of those gradients is times (``fn()``'s objective is not scaled).
     """
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     lrs = [float(groups[id(p)]["lr"]) for p in layout.params]
@@ -126,6 +124,8 @@ def validation_gradient(fn: Callable[[], Any], primary: Sequence[bool], layout: 
                 specific_grads = [p.grad if g is None else g if p.grad is None else p.grad + g
                                   for p, g in zip(specific, specific_grads)]
             moves += [(p, g) for p, g in zip(specific, specific_grads) if id(p) in groups]
+            if scale is not None:
+                moves = [(p, None if g is None else g / scale) for p, g in moves]
             news = [_virtual(p, g, groups[id(p)], optimizer) for p, g in moves]
             for (p, _), new in zip(moves, news):
                 swapped.append((p, p.data))
