@@ -23,6 +23,9 @@ rows that reads ``G`` or the losses works (``"pcgrad"``, ``"cagrad"``, ``"upgrad
 flags ``gramian_only``, ``needs_losses`` and ``random`` (so :attr:`reads`) are the base's.  A convex
 base (weights summing to 1) stays convex: the ``"convex"`` scale convention for the default.
 
+Diagnostics of a call: the base's own (e.g. MGDA's ``simplex_weights``, which are its
+``lambda_hat``, not the smoothed weights), plus ``lambda_hat``, the base's weights of the call.
+
 Absent tasks: an absent task's ``lambda`` does not move; the present tasks' previous ``lambda``
 is their slice (not renormalised; the base's weights are those of the present tasks alone), and
 a task first present later starts from its base weight (``lambda_{k-1} = lambda_hat_k`` for it),
