@@ -54,7 +54,10 @@ test suite):
   meta-learned and unconstrained after), ``trimmedmean`` (coordinate-wise: each coordinate of ``d`` between
   its column's smallest and largest value, ``g`` on equal rows, but no combination of the
   rows), ``pcd`` (``||d|| = ||g_1||``, the primary task's: ``g`` on equal rows, with weights
-  that no longer sum to 1 once a constraint is active), and every
+  that no longer sum to 1 once a constraint is active),
+  ``fairgrad`` (weights solving ``G w = w^(-1/alpha)``: ``d`` scales as
+  ``c^((1 - alpha) / (1 + alpha))`` with the gradients, not at all for the default
+  ``alpha = 1``), and every
   ``"<name>+tension"``: it returns its base's direction during the first ``window`` calls, but
   then adds tension vectors of unit length (``scale="unit"``, the paper's) and the feasibility
   projection, so the result is neither the base's scale nor any fixed one.
@@ -106,6 +109,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
+    "fairgrad": (f"{_PKG}.fairgrad", "FairGrad", True),
     "imtll": (f"{_PKG}.imtll", "IMTLL", False),
     "imtl": (f"{_PKG}.imtl", "IMTL", True),
     "stch": (f"{_PKG}.stch", "STCH", False),
@@ -136,6 +140,7 @@ _ALIASES: dict[str, str] = {
     "min-norm": "mgda", "min_norm": "mgda", "minnorm": "mgda",
     "uncertainty": "uw", "uncertainty-weighting": "uw", "uncertainty_weighting": "uw",
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
+    "fair-grad": "fairgrad", "fair_grad": "fairgrad",
     "imtl-l": "imtll", "imtl_l": "imtll",
     "cr-mogm": "crmogm", "cr_mogm": "crmogm",
     "db-mtl": "dbmtl", "db_mtl": "dbmtl",
@@ -151,6 +156,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
+    "fairgrad": "unnormalised",
     "imtll": "unnormalised", "imtl": "unnormalised", "stch": "convex", "gls": "unnormalised",
     "pbi": "unnormalised", "cosmos": "unnormalised",
     "modo": "convex", "crmogm": "convex", "dbmtl": "unnormalised",
