@@ -183,6 +183,36 @@ def test_the_base_flags_and_routes() -> None:
     assert out.weights.shape == (2,)
 
 
+def test_absent_tasks_reach_the_base() -> None:
+    """With ``present=`` the base runs on the present tasks with its settings and state restricted
+    to them (a per-task setting: Constant's weights; per-task state: GradVac's targets), an
+    absent task's smoothed weight and base state stay, and a task first present later starts
+    from its base weight."""
+    from torch_mtlgrad.aggregators.constant import Constant
+    from torch_mtlgrad.aggregators.gradvac import GradVac
+
+    J = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    agg = CRMOGM(Constant([1.0, 2.0, 3.0, 4.0]), alpha=0.5)
+    mask = torch.tensor([True, False, True, False])
+    w = agg.aggregate(J[mask], present=mask).weights
+    assert w.tolist() == [1.0, 0.0, 3.0, 0.0]
+    assert torch.isnan(agg.lam[1]) and torch.isnan(agg.lam[3])
+    assert agg.aggregate(J).weights.tolist() == [1.0, 2.0, 3.0, 4.0]
+    agg = CRMOGM(GradVac(beta=0.3, seed=0))
+    agg.aggregate(J)
+    before = copy.deepcopy(agg.state_dict())
+    agg.aggregate(J[mask] * 2, present=mask)
+    after = agg.state_dict()
+    for t in (1, 3):  # the absent tasks' rows and columns of phi_hat, and their lambda
+        assert torch.equal(after["base"]["phi_hat"][t], before["base"]["phi_hat"][t])
+        assert torch.equal(after["base"]["phi_hat"][:, t], before["base"]["phi_hat"][:, t])
+        assert after["lambda"][t] == before["lambda"][t]
+    lam_hat = agg.diagnostics["lambda_hat"]  # the base's weights of the two present tasks
+    assert lam_hat.shape == (2,)
+    torch.testing.assert_close(after["lambda"][mask], 0.9 * before["lambda"][mask] + 0.1 * lam_hat,
+                               rtol=1e-15, atol=0)
+
+
 def test_state_resume_and_reset() -> None:
     assert_state_dict_roundtrip(CRMOGM, seed=0, steps=8, split=3)
     assert_state_dict_roundtrip(lambda: CRMOGM("pcgrad"), seed=1, steps=8, split=4)
