@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from torch_mtlgrad import catalog
-from torch_mtlgrad.__main__ import NOT_INSTALLED, REPOSITORY_EXAMPLES, examples, main
+from torch_mtlgrad.__main__ import (
+    IN_REPOSITORY,
+    NOT_INSTALLED,
+    REPOSITORY_EXAMPLES,
+    examples,
+    main,
+)
 from torch_mtlgrad.aggregators import _registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,12 +100,18 @@ def test_run_lists_the_examples_for_no_or_an_unknown_name(
 
 
 def test_run_without_the_examples_says_where_they_are(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["run", "quickstart"], examples_folder=tmp_path / "absent") == 2
+    assert NOT_INSTALLED in capsys.readouterr().err
+    import torch_mtlgrad.__main__ as cli
+
+    monkeypatch.setattr(cli, "IN_REPOSITORY", False)  # an installed copy, outside a checkout
+    assert main(["run", "quickstart"]) == 2
     assert NOT_INSTALLED in capsys.readouterr().err
 
 
 def test_the_repository_examples_are_found() -> None:
+    assert IN_REPOSITORY
     found = examples(REPOSITORY_EXAMPLES)
     assert "quickstart" in found and not any(n.startswith("_") for n in found)
     assert all(found.values()), "every example starts with a docstring"

@@ -30,7 +30,12 @@ from pathlib import Path
 
 __all__ = ["examples", "main"]
 
-REPOSITORY_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# The examples/ folder of the checkout this package runs from (an installed copy has none: its
+# parent folder is site-packages, which holds no setup.cfg of this project).
+_ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY_EXAMPLES = _ROOT / "examples"
+IN_REPOSITORY = (_ROOT / "setup.cfg").is_file() and "name = torch_mtlgrad" in (
+    _ROOT / "setup.cfg").read_text(encoding="utf-8", errors="replace")
 NOT_INSTALLED = ("the examples are not installed with the package: they are the examples/ folder "
                  "of the torch_mtlgrad repository (a git checkout); run them from there, e.g. "
                  "`python examples/quickstart.py`, or `python -m torch_mtlgrad run quickstart` "
@@ -149,6 +154,9 @@ def main(argv: Sequence[str] | None = None, *, examples_folder: Path | None = No
         argv = ["methods", *argv]
     args = parser.parse_args(argv)
     if args.command == "run":
+        if examples_folder is None and not IN_REPOSITORY:
+            print(f"error: {NOT_INSTALLED}", file=sys.stderr)
+            return 2
         return _run(args, REPOSITORY_EXAMPLES if examples_folder is None else examples_folder)
     try:
         return _methods(args)
