@@ -170,6 +170,8 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         s["lambda"] = s["lambda"][idx].clone()  # the default base (mgda) keeps no state
     elif base == "dbmtl" and s["m"] is not None:
         s["m"] = s["m"][idx].clone()
+    elif base == "sdmgrad" and s["w"] is not None:
+        s["w"] = s["w"][idx].clone()  # the call renormalises it to sum 1 itself
     elif base == "nashmtl":
         for key in ("alpha", "a"):
             if s[key] is not None:
@@ -235,6 +237,13 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
     elif base == "dbmtl":
         prev = full["m"] if full["m"] is not None else torch.zeros(T, D, dtype=new["m"].dtype)
         s["m"] = _put(prev, new["m"], (0,), idx)
+    elif base == "sdmgrad":
+        # The first call: the present tasks held their share of the initial w = 1/T.
+        prev, share = full["w"], 1.0
+        if prev is None:
+            prev = torch.full((T,), 1.0 / T, dtype=new["w"].dtype)
+            share = idx.numel() / T
+        s["w"] = _put(prev, new["w"] * share, (0,), idx)
     elif base == "nashmtl":
         for key, fill in (("alpha", NAN), ("a", 1.0)):
             prev = full[key] if full[key] is not None else torch.full((T,), fill,
@@ -267,6 +276,7 @@ TASK_AXES = {"phi_hat": (0, 1), "y": (0,), "m": (0,), "lambda": (0,), "alpha": (
              "history": (1,), "running": (0,), "value": (0,), "exp_avg": (0,),
              "exp_avg_sq": (0,), "steps": (0,), "prev_losses": (0,), "initial_losses": (0,),
              "task_count": (0,), "sq_norm_ema": (0,), "task_steps": (0,)}
+TASK_AXES.update({"w": (0,)})  # sdmgrad
 
 
 def task_slices(state: Any, idx: Tensor, prefix: str = "") -> dict[str, Tensor]:
