@@ -160,7 +160,7 @@ def main() -> None:
     print(f"\n{args.aggregator}, precision {args.precision}, {args.epochs} epochs; test loss "
           "relative to each task's variance:")
     print(table(["run", "task 1", "task 2 (10x)"], rows))
-    print(f"checkpoint: {ckpt.last_model_path}")
+    print(f"\ncheckpoint: {ckpt.last_model_path}")
     print(f"\nResult: the run resumed from the checkpoint ended "
           f"{'with exactly the same parameters as' if same else 'with DIFFERENT parameters from'} "
           f"the uninterrupted one; the last step weighted the tasks "

@@ -272,6 +272,7 @@ def compare(args: argparse.Namespace) -> None:
         cols.append(f"{round(statistics.mean(ds), 2) + 0.0:+.2f} +- {statistics.pstdev(ds):.2f}")
         rows.append([kind, *cols, f"{times[kind] / args.seeds:.1f}"])
     print(table(["method", "MSE task0", "MSE task1", "acc task2", "Delta %", "time/run s"], rows))
+    print()
     for kind, ec in final_ec.items():
         if ec > 0.1:
             print(f"warning: {kind}'s learnt masks ended at EC(phi) = {ec:.2f}, far from full "
