@@ -123,8 +123,12 @@ def _parser() -> argparse.ArgumentParser:
                     "and its paper.")
     m.add_argument("--markdown", action="store_true",
                    help="the Markdown table (with the method's summary, +tension and aliases)")
+    from .catalog import READS
+
     m.add_argument("--reads", metavar="WHAT",
-                   help="only the methods that read WHAT: losses, gramian (G) or jacobian (J)")
+                   help="only the methods that read WHAT: " + "; ".join(
+                       f"{k}{' (' + k[0].upper() + ')' if k != 'losses' else ''}: {v}"
+                       for k, v in READS.items()))
     m.add_argument("--write", metavar="FILE", action="append",
                    help="regenerate the table between the marker comments of the Markdown FILE "
                         "(e.g. README.md); may be repeated")
