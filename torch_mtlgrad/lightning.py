@@ -48,8 +48,8 @@ What each piece does:
   ``Trainer.fit(ckpt_path=...)`` save and resume the multi-task state with no extra code, and the
   ``GradScaler``'s state with the precision plugin's.
 
-``import torch_mtlgrad.lightning`` needs ``lightning`` (``pip install "torch_mtlgrad[lightning]"``);
-``import torch_mtlgrad`` does not import it.  Not supported: automatic optimisation (Lightning
+The functions need ``lightning`` (``pip install "torch_mtlgrad[lightning]"``) and import it on
+first use; ``import torch_mtlgrad`` and ``import torch_mtlgrad.lightning`` do not.  Not supported: automatic optimisation (Lightning
 then calls one backward of the loss ``training_step`` returns), strategies that shard the
 parameters (FSDP, DeepSpeed: see the robustness notes), several optimizers without naming the
 one to use (pass ``optimizer=``).
@@ -66,18 +66,22 @@ from torch.optim import Optimizer
 from .aggregators import Aggregator
 from .optimizer import MultiTaskOptimizer
 
-try:
-    import lightning.pytorch as pl
-    from lightning.pytorch.core.optimizer import LightningOptimizer
-except ImportError as e:  # pragma: no cover - the message is the point
-    raise ImportError("torch_mtlgrad.lightning needs PyTorch Lightning: pip install lightning "
-                      '(or pip install "torch_mtlgrad[lightning]")') from e
-
 __all__ = ["manual_backward", "multitask_optimizer", "unwrap"]
 
 
+def _lightning_module_class() -> type:
+    """``lightning.pytorch.LightningModule``, imported on first use (so that this module, and
+    its doctests, import without Lightning)."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError as e:
+        raise ImportError("torch_mtlgrad.lightning needs PyTorch Lightning: pip install lightning "
+                          '(or pip install "torch_mtlgrad[lightning]")') from e
+    return LightningModule
+
+
 def _check_module(module: Any, what: str) -> None:
-    if not isinstance(module, pl.LightningModule):
+    if not isinstance(module, _lightning_module_class()):
         raise TypeError(f"{what}: module must be a lightning.pytorch.LightningModule, got "
                         f"{type(module).__name__}")
     if module.automatic_optimization:
@@ -91,9 +95,23 @@ def unwrap(optimizer: Any) -> MultiTaskOptimizer:
 
     Lightning hands a ``LightningOptimizer`` around the optimizer ``configure_optimizers``
     returned; it forwards attribute reads but not writes, so the multi-task calls must go to the
-    optimizer itself (:func:`manual_backward` does this)."""
-    if isinstance(optimizer, LightningOptimizer):
-        optimizer = optimizer.optimizer
+    optimizer itself (:func:`manual_backward` does this).
+
+    Example:
+        >>> import torch
+        >>> enc, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+        >>> opt = MultiTaskOptimizer(torch.optim.SGD([*enc.parameters(), *head.parameters()],
+        ...                                          lr=0.1), shared=enc)
+        >>> unwrap(opt) is opt
+        True
+    """
+    try:
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+    except ImportError:  # then it is not a LightningOptimizer
+        pass
+    else:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
     if not isinstance(optimizer, MultiTaskOptimizer):
         raise TypeError("expected the MultiTaskOptimizer returned by configure_optimizers "
                         f"(see multitask_optimizer), got {type(optimizer).__name__}")
