@@ -162,3 +162,39 @@ def test_bad_arguments_are_argparse_errors(tmp_path: Path, monkeypatch, capsys, 
     assert exit_info.value.code == 2 and "error:" in captured.err and message in captured.err, \
         captured.err
     assert not captured.out.strip() and not files(tmp_path)
+
+
+def test_common_helpers(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``examples/_common.py`` itself: the table lines up ragged cells, ``output_dir`` never reuses
+    a folder, the validators refuse what they should."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import argparse
+
+    import _common
+
+    text = _common.table(["name", "x", "y"], [["a", 1.0, "wide cell here"], ["longer name", 12345.678, 3]])
+    [rows] = tables(text)
+    assert rows == [["name", "x", "y"], ["a", "1.0000", "wide cell here"],
+                    ["longer name", "12345.6780", "3"]]
+    with pytest.raises(ValueError, match="every row needs 3 cells"):
+        _common.table(["a", "b", "c"], [[1, 2]])
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(out=None)
+    first, second = _common.output_dir(args, "demo"), _common.output_dir(args, "demo")
+    assert (first.name, second.name) == ("demo-out-1", "demo-out-2") and second.is_dir()
+    assert f"writing files into {first}" in capsys.readouterr().out
+    assert _common.output_dir(argparse.Namespace(out="given/deeper"), "demo") == Path("given/deeper")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="not a folder"):
+        _common.output_dir(argparse.Namespace(out="a_file"), "demo")
+    for check, bad in [(_common.positive_int, ["0", "-3", "1.5", "x"]),
+                       (_common.nonnegative_int, ["-1", "x"]),
+                       (_common.positive_float, ["0", "-1e-3", "inf", "nan", "x"]),
+                       (_common.nonnegative_float, ["-0.1", "inf"]),
+                       (_common.seed_list, ["1,,2", "a", "3,3"])]:
+        for text in bad:
+            with pytest.raises(argparse.ArgumentTypeError):
+                check(text)
+    assert (_common.positive_int("3"), _common.nonnegative_int("0"), _common.positive_float("1e-3"),
+            _common.seed_list("0,2,1")) == (3, 0, 1e-3, [0, 2, 1])
+    assert list(_common.progress(range(3), argparse.Namespace(quiet=True))) == [0, 1, 2]
