@@ -97,6 +97,23 @@ def test_matches_reference_over_calls(T: int, D: int, tau: float, beta: float, s
         assert np.allclose(d, e, rtol=1e-7, atol=1e-9 * np.linalg.norm(J[0])), (d, e)
 
 
+def test_more_secondary_tasks_than_dimensions() -> None:
+    """T - 1 > D: dependent secondary gradients (a singular G~_ss, where the plain dual's linear
+    term leaves its range) and, often, infeasible constraints; against the enumeration."""
+    rng = np.random.default_rng(0)
+    infeasible = 0
+    for _ in range(150):
+        T, D = int(rng.integers(4, 7)), int(rng.integers(1, 4))
+        tau = float(rng.choice([0.0, 0.02, 0.3]))
+        J = rng.standard_normal((T, D)) * 10.0 ** rng.uniform(-2, 2, size=(T, 1))
+        agg = PCD(tau=tau)
+        d = agg(torch.tensor(J)).numpy()
+        e = Reference(tau, 0.999, 1e-8)(J)
+        infeasible += float(agg.diagnostics["feasible"]) == 0
+        assert np.allclose(d, e, rtol=1e-8, atol=1e-10 * np.linalg.norm(J[0])), (J, tau, d, e)
+    assert infeasible > 10  # both branches ran
+
+
 @settings(max_examples=30, deadline=None)
 @given(J=gaussian_matrices(min_tasks=2, max_tasks=2, max_dim=6, min_dim=2), tau=st.floats(0.0, 1.0))
 def test_two_tasks_closed_form(J: torch.Tensor, tau: float) -> None:

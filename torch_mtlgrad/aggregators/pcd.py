@@ -21,11 +21,11 @@ average of ``||g_i||^2`` over the calls (decay ``beta``): ``v_i <- beta v_i + (1
 leaves the result unchanged (up to ``eps``).  The output is ``d~`` rescaled to the norm of the
 raw primary gradient, ``d = ||g_1|| d~ / ||d~||`` (so ``d = g_1`` when no constraint is active).
 
-From the Gramian.  With ``G~ = S G S`` (``S = diag(s)``) the multipliers solve the dual
-``mu = argmin_{mu >= 0} 1/2 mu^T G~_ss mu + mu^T (G~_s1 - tau o diag(G~_ss))`` (``s`` the
-secondary indices), the library's exact non-negative QP
-(:func:`~torch_mtlgrad.aggregators._solvers.dual_cone_weights`, float64 on the CPU: one host
-synchronisation per call); the weights of the rows of ``J`` are
+From the Gramian.  With ``G~ = S G S`` (``S = diag(s)``) the multipliers come from Lawson and
+Hanson's least-distance reduction to a non-negative least-squares problem in Gram form
+(:func:`pcd_multipliers`, the library's exact active-set solver, float64 on the CPU: one host
+synchronisation per call), which also tells infeasible constraints apart; the weights of the
+rows of ``J`` are
 ``w = [1, mu] o s ||g_1|| / sqrt(w~^T G~ w~)``: a :class:`WeightedAggregator` with
 ``gramian_only``.
 
@@ -34,8 +34,10 @@ the same paper).  Special cases, as TorchJD documents them:
 
 * ``g_1 = 0``: ``d = 0``.
 * Infeasible constraints (only for ``T >= 3``, e.g. two exactly opposite secondary gradients with
-  ``tau > 0``; found as a dual solution whose primal point violates a constraint): they are
-  dropped and ``d = g_1``; ``diagnostics["feasible"]`` is then 0.
+  ``tau > 0``; found as a zero residual of the least-distance problem,
+  ``||r||^2 <= 1e-9 (1 + |h|^T u)``, see :func:`pcd_multipliers`): they are dropped and
+  ``d = g_1``; ``diagnostics["feasible"]`` is then 0.
+* A non-finite ``G`` (a call with ``check_finite=False``): NaN weights, the averages untouched.
 * ``d~ = 0`` up to the rounding of ``G`` (``||d~||^2 <= 10 eps (sum_i |w~_i| ||g~_i||)^2``):
   ``d = 0``.
 
@@ -60,9 +62,47 @@ import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
-from ._solvers import dual_cone_weights
+from ._solvers import nnqp
 
-__all__ = ["PCD"]
+__all__ = ["PCD", "pcd_multipliers"]
+
+# ||r||^2 of the least-distance problem (in [0, 1]) at most this times 1 + |h|^T u (the scale
+# of its rounding, and of the solver's tolerance): no feasible point.
+INFEASIBLE_TOL = 1e-9
+
+
+def pcd_multipliers(G: Tensor, taus: Tensor) -> tuple[Tensor, bool]:
+    """The multipliers ``mu >= 0`` of ``argmin_d 1/2 ||d - g_1||^2`` subject to
+    ``g_j^T d >= tau_j ||g_j||^2`` (``j >= 2``), ``d = g_1 + sum_j mu_j g_j``, from the Gramian
+    ``G`` of ``g_1, ..., g_T`` (float64, ``[T, T]``, ``G_11 > 0``), and whether the constraints
+    are feasible (``mu = 0`` where they are not).
+
+    Lawson and Hanson's least-distance reduction (*Solving Least Squares Problems*, 1974,
+    ch. 23): with ``x = d - g_1``, ``A`` the rows ``g_j`` and ``h = tau o diag(G_ss) - G_s1``,
+    the problem is ``min ||x||`` s.t. ``A x >= h``; the non-negative least-squares problem
+    ``u = argmin_{u >= 0} ||[A^T; h^T] u - e_{n+1}||^2`` (Gram form ``Q = G_ss + h h^T``,
+    ``c = -h``: the library's :func:`~torch_mtlgrad.aggregators._solvers.nnqp`) has residual
+    ``||r||^2 = 1 - h^T u``; it is 0 exactly when no ``x`` is feasible, else
+    ``x = A^T u / (1 - h^T u)``: ``mu = u / (1 - h^T u)``.  Unlike the plain dual
+    (``min_{mu >= 0} 1/2 mu^T G_ss mu - mu^T h``), which is unbounded for infeasible
+    constraints and whose linear term need not lie in the range of a singular ``G_ss`` (more
+    secondary tasks than dimensions), this problem is always bounded and consistent.  It is
+    solved on ``G / max_i G_ii`` (``mu`` does not change when every row is scaled alike).
+
+    Example:
+        >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)
+        >>> pcd_multipliers(G, torch.tensor([0.5], dtype=torch.float64))  # g_2 . d = 0.5 * 2
+        (tensor([1.], dtype=torch.float64), True)
+    """
+    Gh = G / torch.diagonal(G).max()
+    Gs = Gh[1:, 1:]
+    h = taus * torch.diagonal(Gs) - Gh[1:, 0]
+    Q = (Gs + h[:, None] * h[None, :]).numpy()
+    u = torch.from_numpy(nnqp(0.5 * (Q + Q.T), -h.numpy()))
+    res = 1.0 - float(h @ u)
+    if res <= INFEASIBLE_TOL * (1.0 + float(h.abs() @ u)):
+        return torch.zeros_like(h), False
+    return u / res, True
 
 
 class PCD(WeightedAggregator):
@@ -170,17 +210,9 @@ class PCD(WeightedAggregator):
         self.sq_norm_ema, self.task_steps = ema, steps
 
         Gn = G64 * s[:, None] * s[None, :]
-        mu = torch.zeros(T - 1, dtype=torch.float64)
-        feasible = True
+        mu, feasible = torch.zeros(T - 1, dtype=torch.float64), True
         if T > 1 and float(sq[0]) > 0.0:
-            Gs = Gn[1:, 1:]
-            q = Gn[1:, 0] - taus * torch.diagonal(Gs)
-            mu = dual_cone_weights(Gs, q)
-            slack = Gs @ mu + q  # g~_j^T d~ - tau_j ||g~_j||^2
-            tol = 1e-9 * float(torch.diagonal(Gn).max()) * (1.0 + float(mu.sum()))
-            if bool((slack < -tol).any()):  # no primal point: the dual is unbounded
-                mu = torch.zeros_like(mu)
-                feasible = False
+            mu, feasible = pcd_multipliers(Gn, taus)
         wt = torch.cat([torch.ones(1, dtype=torch.float64), mu])
         w = torch.zeros(T, dtype=torch.float64)
         if float(sq[0]) > 0.0:
