@@ -172,6 +172,9 @@ def restrict(name: str, agg: Aggregator, state: dict[str, Any], idx: Tensor) -> 
         s["m"] = s["m"][idx].clone()
     elif base == "sdmgrad" and s["w"] is not None:
         s["w"] = s["w"][idx].clone()  # the call renormalises it to sum 1 itself
+    elif base == "excessmtl" and s["alpha"] is not None:
+        for key in ("sq_grad_sum", "baseline", "alpha"):  # alpha: renormalised by the call
+            s[key] = s[key][idx].clone()
     elif base == "nashmtl":
         for key in ("alpha", "a"):
             if s[key] is not None:
@@ -244,6 +247,17 @@ def scatter(name: str, full: dict[str, Any], new: dict[str, Any], idx: Tensor) -
             prev = torch.full((T,), 1.0 / T, dtype=new["w"].dtype)
             share = idx.numel() / T
         s["w"] = _put(prev, new["w"] * share, (0,), idx)
+    elif base == "excessmtl":
+        prev, share = full, 1.0
+        if prev["alpha"] is None:  # the first call: the present tasks' share of 1/T
+            dt = new["alpha"].dtype
+            prev = {"sq_grad_sum": torch.zeros(T, D, dtype=dt),
+                    "baseline": torch.zeros(T, dtype=dt),
+                    "alpha": torch.full((T,), 1.0 / T, dtype=dt)}
+            share = idx.numel() / T
+        for key in ("sq_grad_sum", "baseline"):
+            s[key] = _put(prev[key], new[key], (0,), idx)
+        s["alpha"] = _put(prev["alpha"], new["alpha"] * share, (0,), idx)
     elif base == "nashmtl":
         for key, fill in (("alpha", NAN), ("a", 1.0)):
             prev = full[key] if full[key] is not None else torch.full((T,), fill,
@@ -277,6 +291,7 @@ TASK_AXES = {"phi_hat": (0, 1), "y": (0,), "m": (0,), "lambda": (0,), "alpha": (
              "exp_avg_sq": (0,), "steps": (0,), "prev_losses": (0,), "initial_losses": (0,),
              "task_count": (0,), "sq_norm_ema": (0,), "task_steps": (0,)}
 TASK_AXES.update({"w": (0,)})  # sdmgrad
+TASK_AXES.update({"sq_grad_sum": (0,), "baseline": (0,)})  # excessmtl
 
 
 def task_slices(state: Any, idx: Tensor, prefix: str = "") -> dict[str, Tensor]:
@@ -430,6 +445,7 @@ READS = {"mean": "losses", "sum": "losses", "constant": "losses", "rlw": "losses
          "dwa": "losses", "uw": "losses", "famo": "losses", "moco": "jacobian", "dbmtl": "jacobian",
          "graddrop": "jacobian", "trimmedmean": "jacobian", "imtll": "losses",
          "stch": "losses", "gls": "losses", "pbi": "losses", "cosmos": "losses"}
+READS["excessmtl"] = "jacobian"
 
 
 @pytest.mark.parametrize("name", NAMES)

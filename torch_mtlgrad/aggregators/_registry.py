@@ -33,6 +33,7 @@ test suite):
   scale, ``g`` on equal rows (``1/T`` of the sum's).  ``mean``, ``mgda``, ``central``, ``imtlg``
   (whose weights may be negative for ``T >= 3``, as the paper defines them), ``rlw``, ``famo``,
   ``krum`` (one-hot weights, or ``1/m`` on the ``m`` rows Multi-Krum selects),
+  ``excessmtl`` (exponentiated weights on the simplex),
   ``sdmgrad`` (weights ``(w + lambda / T) / (1 + lambda)``, ``w`` on the simplex),
   ``crmogm`` (a moving average of the weights of its default base, ``mgda``),
   ``modo`` (its ``lambda`` on the simplex), ``stch`` (with its default preference
@@ -110,6 +111,7 @@ _ENTRIES: dict[str, tuple[str, str, bool]] = {
     "gradnorm": (f"{_PKG}.gradnorm", "GradNorm", False),
     "dwa": (f"{_PKG}.dwa", "DWA", False),
     "famo": (f"{_PKG}.famo", "FAMO", False),
+    "excessmtl": (f"{_PKG}.excessmtl", "ExcessMTL", True),
     "sdmgrad": (f"{_PKG}.sdmgrad", "SDMGrad", True),
     "fairgrad": (f"{_PKG}.fairgrad", "FairGrad", True),
     "imtll": (f"{_PKG}.imtll", "IMTLL", False),
@@ -142,6 +144,7 @@ _ALIASES: dict[str, str] = {
     "min-norm": "mgda", "min_norm": "mgda", "minnorm": "mgda",
     "uncertainty": "uw", "uncertainty-weighting": "uw", "uncertainty_weighting": "uw",
     "grad-norm": "gradnorm", "grad_norm": "gradnorm",
+    "excess-mtl": "excessmtl", "excess_mtl": "excessmtl",
     "sdm-grad": "sdmgrad", "sdm_grad": "sdmgrad",
     "fair-grad": "fairgrad", "fair_grad": "fairgrad",
     "imtl-l": "imtll", "imtl_l": "imtll",
@@ -159,6 +162,7 @@ _SCALES: dict[str, ScaleConvention] = {
     "nashmtl": "unnormalised", "upgrad": "unnormalised", "dualproj": "unnormalised",
     "alignedmtl": "sum", "moco": "unnormalised", "rlw": "convex", "constant": "sum",
     "uw": "unnormalised", "gradnorm": "sum", "dwa": "sum", "famo": "convex",
+    "excessmtl": "convex",
     "sdmgrad": "convex",
     "fairgrad": "unnormalised",
     "imtll": "unnormalised", "imtl": "unnormalised", "stch": "convex", "gls": "unnormalised",
