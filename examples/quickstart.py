@@ -1,4 +1,4 @@
-"""Quickstart: the two-line change on a small synthetic two-task problem (CPU, well under a minute).
+"""Quickstart: the two-line change on a small synthetic two-task problem (CPU, a few seconds).
 
 Two regression tasks share an encoder; the second task's targets are 10x larger, so its gradients
 dominate a plain sum.  We train the same network twice from the same initialisation:
@@ -13,9 +13,10 @@ sentence, computed from those numbers, saying which training did better on which
 Run:  python examples/quickstart.py            (about 5 s on one CPU core; ``--epochs`` to change)
 
 The script uses one torch thread (``--threads``): every operation of this small network is too
-small to split, so more threads only wait for each other; on a loaded 2-core machine the default
-two threads made the same run 5-10x slower.  A model this small is best trained that way; a
-larger one is not (leave torch's default there).
+small to split, so more threads only wait for each other; on a 2-core machine shared with one
+busy process torch's default two threads made the same run about 5x slower (36 s against 8 s).
+A model this small is best trained on one thread; a larger one is not (keep torch's default
+there).
 """
 
 from __future__ import annotations
