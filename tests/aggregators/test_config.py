@@ -138,7 +138,8 @@ def test_input_checks() -> None:
         ConFIG(rtol=-1.0)
     for name in ("config", "ConFIG", "con-fig", "con_fig"):
         assert isinstance(get(name), ConFIG)
-    assert repr(get("config", pref_vector=[1.0, 2.0])) == "ConFIG(pref_vector=[1.0, 2.0], rtol=None)"
+    assert repr(get("config", pref_vector=[1.0, 2.0])) == ("ConFIG(pref_vector=[1.0, 2.0], "
+                                                           "rtol=None)")
     assert get("config").reads == "gramian" and ConFIG.gramian_only
 
 

@@ -117,7 +117,8 @@ def test_far_adversaries_are_never_selected(data: st.DataObject) -> None:
     R = 1.01 * np.sqrt(k / 2) * 2 * r
     centre = rng.standard_normal(D) * 3
     noise = rng.standard_normal((n - f, D))
-    honest = centre + noise / np.linalg.norm(noise, axis=1, keepdims=True) * rng.uniform(0, r, (n - f, 1))
+    radii = rng.uniform(0, r, (n - f, 1))
+    honest = centre + noise / np.linalg.norm(noise, axis=1, keepdims=True) * radii
     u = rng.standard_normal((f, D))
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     far = centre + u * (r + R) * rng.uniform(1.0, 50.0, (f, 1))

@@ -124,7 +124,7 @@ def test_two_tasks_closed_form(J: torch.Tensor, tau: float) -> None:
     mu = max(0.0, tau - float(gt[1] @ gt[0]))
     dt = gt[0] + mu * gt[1]
     assert_close(d, dt * J[0].norm() / dt.norm(), rtol=1e-10, atol=1e-12 * float(J[0].norm()))
-    assert abs(float(agg.diagnostics["mu"][0]) - mu) <= 1e-10
+    assert abs(float(agg.diagnostics["mu"][1]) - mu) <= 1e-10 and agg.diagnostics["mu"][0] == 0
 
 
 def test_against_torchjd() -> None:

@@ -119,8 +119,9 @@ class PCD(WeightedAggregator):
         eps: the non-negative constant added to that average before the inverse square root
             (default 1e-8).
 
-    Computed from ``G = J J^T`` only.  ``diagnostics``: ``"mu"`` (the ``T - 1`` multipliers),
-    ``"scales"`` (``s``), ``"feasible"`` (1 or 0).
+    Computed from ``G = J J^T`` only.  ``diagnostics``: ``"mu"`` (``[T]``: the multipliers
+    ``mu_j``, 0 at the primary, whose coefficient is 1), ``"scales"`` (``s``), ``"feasible"``
+    (1 or 0).
 
     Example:
         >>> import torch
@@ -129,7 +130,7 @@ class PCD(WeightedAggregator):
         >>> agg(J)   # d~ = g~_1 + 0.5 g~_2 = (1, 0.5), rescaled to ||g_1|| = 2
         tensor([1.7889, 0.8944])
         >>> agg.diagnostics["mu"]
-        tensor([0.5000])
+        tensor([0.0000, 0.5000])
     """
 
     gramian_only = True
@@ -193,7 +194,7 @@ class PCD(WeightedAggregator):
         G64 = G.detach().to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(G64).all()):  # unchecked call: NaN out, the averages kept
             nan = torch.full((T,), float("nan"), dtype=dtype, device=device)
-            self.diagnostics = {"mu": nan[1:], "scales": nan,
+            self.diagnostics = {"mu": nan, "scales": nan,
                                 "feasible": torch.tensor(float("nan"), dtype=dtype, device=device)}
             return nan
         G64 = 0.5 * (G64 + G64.T)
@@ -221,7 +222,8 @@ class PCD(WeightedAggregator):
             precision = 10.0 * torch.finfo(G.dtype).eps
             if float(dsq) > precision * float(magnitude):
                 w = wt * s * (sq[0] / dsq).sqrt()
-        self.diagnostics = {"mu": mu.to(device=device, dtype=dtype),
+        mu_all = torch.cat([mu.new_zeros(1), mu])
+        self.diagnostics = {"mu": mu_all.to(device=device, dtype=dtype),
                             "scales": s.to(device=device, dtype=dtype),
                             "feasible": torch.tensor(float(feasible), dtype=dtype, device=device)}
         return w.to(device=device, dtype=dtype)
