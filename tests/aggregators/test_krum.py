@@ -25,6 +25,7 @@ from .._properties import (
     scale_of,
 )
 from ..strategies import DEGENERATE_MATRICES, POSITIVE_SCALES, gaussian_matrices, jacobians
+from ..test_capture import forbid_host_sync
 
 
 def reference_scores(J: np.ndarray, f: int, squared: bool = True) -> np.ndarray:
@@ -216,3 +217,13 @@ def test_permutation_invariant(J: torch.Tensor, m: int) -> None:
 def test_positively_homogeneous(K: torch.Tensor) -> None:
     assert_positively_homogeneous(lambda: Krum(), K, POSITIVE_SCALES, rtol=1e-14,
                                   atol=1e-15 * scale_of(K))
+
+
+def test_no_host_synchronisation() -> None:
+    """Scores, the m-th smallest and the tie rule stay tensor operations (CPU stand-in for
+    torch.cuda.set_sync_debug_mode('error'))."""
+    J = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    for agg in (Krum(), Krum(n_byzantine=1, n_selected=2)):
+        with forbid_host_sync():
+            out = agg.aggregate(J, check_finite=False)
+        assert out.weights is not None and abs(float(out.weights.sum()) - 1) < 1e-6

@@ -23,6 +23,7 @@ from .._properties import (
     scale_of,
 )
 from ..strategies import DEGENERATE_MATRICES, POSITIVE_SCALES, gaussian_matrices, jacobians
+from ..test_capture import forbid_host_sync
 
 
 def reference(J: np.ndarray, b: int) -> np.ndarray:
@@ -129,3 +130,12 @@ def test_permutation_invariant(J: torch.Tensor, data: st.DataObject) -> None:
 def test_positively_homogeneous(K: torch.Tensor) -> None:
     assert_positively_homogeneous(lambda: TrimmedMean(), K, POSITIVE_SCALES,
                                   rtol=1e-14, atol=1e-15 * scale_of(K))
+
+
+def test_no_host_synchronisation() -> None:
+    """One sort and a mean: nothing read on the host (CPU stand-in for
+    torch.cuda.set_sync_debug_mode('error'))."""
+    J = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    with forbid_host_sync():
+        d = TrimmedMean().aggregate(J, check_finite=False).direction
+    assert d is not None and d.shape == (5,)
