@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from ._base import Aggregator
+from ._shares import present_share
 
 __all__ = ["ExcessMTL"]
 
@@ -119,7 +120,6 @@ class ExcessMTL(Aggregator):
                 f"ExcessMTL was accumulating a [{self.sq_grad_sum.shape[0]}, "
                 f"{self.sq_grad_sum.shape[1]}] Jacobian, got [{T}, {D}]; call reset() to start "
                 "over")
-        total = T if self._subset_total is None else self._subset_total
         sq = J * J
         S = sq if self.sq_grad_sum is None else self.sq_grad_sum.to(J) + sq
         h = torch.sqrt(S + self.eps)
@@ -127,13 +127,7 @@ class ExcessMTL(Aggregator):
         base = torch.zeros_like(E) if self.baseline is None else self.baseline.to(J)
         base = torch.where(base > 0, base, E)  # set at the first positive estimate
         ratio = torch.where(base > 0, E / torch.where(base > 0, base, 1.0), 0.0)
-        if self.alpha is None:  # the initial alpha, 1/T_total each
-            prev, mass = J.new_full((T,), 1.0 / total), J.new_tensor(T / total)
-        else:
-            prev = self.alpha.to(J)
-            mass = prev.sum()
-        uniform = J.new_full((T,), 1.0 / T)
-        a = torch.where(mass > 0, prev / torch.where(mass > 0, mass, 1.0), uniform)
+        a, mass = present_share(self.alpha, T, self._subset_total or T, J)
         a = torch.softmax(torch.log(a) + self.robust_step_size * ratio, dim=0)  # eq. 9
         self.sq_grad_sum, self.baseline, self.alpha = S, base, a * mass
         self.weights = a

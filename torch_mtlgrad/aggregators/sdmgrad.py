@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 
 from ._base import WeightedAggregator
+from ._shares import present_share
 from ._solvers import project_simplex
 
 __all__ = ["SDMGrad"]
@@ -134,15 +135,8 @@ class SDMGrad(WeightedAggregator):
         if self.w is not None and self.w.shape[0] != T:
             raise ValueError(f"SDMGrad was solving for {self.w.shape[0]} tasks, got {T}; call "
                              "reset() to start over")
-        total = T if self._subset_total is None else self._subset_total
+        w, mass = present_share(self.w, T, self._subset_total or T, G)
         uniform = G.new_full((T,), 1.0 / T)
-        if self.w is None:  # the initial w, 1/T_total each: the present tasks hold T/T_total
-            mass = G.new_tensor(T / total)
-            w = uniform
-        else:
-            w0 = self.w.to(device=G.device, dtype=G.dtype)
-            mass = w0.sum()
-            w = torch.where(mass > 0, w0 / torch.where(mass > 0, mass, 1.0), uniform)
         s2 = torch.diagonal(G).clamp_min(0).sqrt().mean() ** 2
         A = torch.where(s2 > 0, G / torch.where(s2 > 0, s2, 1.0), 0.0)  # 0: no positive G_ii
         pull = self.lmbd * uniform
