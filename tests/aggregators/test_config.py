@@ -3,7 +3,8 @@ Networks*, ICLR 2025): against the paper's formula on J in float64 NumPy (pseudo
 unit rows, projection length) and against TorchJD 0.18, with and without direction weights; the
 paper's claims (equal angles to every gradient, conflict-free for independent gradients), the
 direction's invariance to row scaling, degenerate inputs and the input checks; the shared
-properties: expected structure, Gramian-only, permutation invariance, positive homogeneity."""
+properties: expected structure, Gramian-only, permutation invariance, positive homogeneity,
+linearity under scaling."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .._properties import (
     assert_close,
     assert_expected_structure,
     assert_finite_on_degenerate_matrices,
+    assert_linear_under_scaling,
     assert_non_conflicting,
     assert_permutation_invariant,
     assert_positively_homogeneous,
@@ -184,3 +186,16 @@ def test_permutation_invariant(J: torch.Tensor, perm_seed: int, w: list[float]) 
 def test_positively_homogeneous(K: torch.Tensor) -> None:
     assert_positively_homogeneous(lambda: ConFIG(), K, POSITIVE_SCALES, rtol=1e-9,
                                   atol=1e-10 * float(K.norm(dim=1).sum()), norm=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(J=gaussian_matrices(min_tasks=2, max_tasks=6, max_dim=8),
+       c=st.lists(st.floats(0.1, 10.0), min_size=12, max_size=12))
+def test_linear_under_scaling(J: torch.Tensor, c: list[float]) -> None:
+    """The unit direction reads only U(g_i), unchanged by c > 0, and the length
+    sum_i c_i g_i . g_u is linear in c: so c -> A(diag(c) J) is linear."""
+    T = J.shape[0]
+    c1 = torch.tensor(c[:T], dtype=torch.float64)
+    c2 = torch.tensor(c[6:6 + T], dtype=torch.float64)
+    atol = 1e-9 * float((J.norm(dim=1) * (c1 + c2)).sum())
+    assert_linear_under_scaling(lambda: ConFIG(), J, c1, c2, atol=atol)

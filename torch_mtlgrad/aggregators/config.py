@@ -39,7 +39,8 @@ Choices the paper leaves open (documented, tested):
 Scale: on ``T`` equal rows ``g`` the length is ``T ||g||``, so ``d = T g``: the ``"sum"``
 convention.  Invariant under a permutation of the tasks (with ``w`` permuted alike) and
 positively homogeneous; the direction does not change when a row is rescaled (only ``u_i``
-enters it).
+enters it), so with the length ``sum_i c_i g_i^T g_u`` the map ``c -> A(diag(c) J)`` is linear
+on ``c > 0`` (linear under scaling).
 
 Against TorchJD 0.18 (``torchjd.aggregation.ConFIG(pref_vector)``): the same formula, its
 ``pref_vector`` is our ``pref_vector`` (default all ones there, ``None`` here, the same
