@@ -291,7 +291,8 @@ TASK_AXES = {"phi_hat": (0, 1), "y": (0,), "m": (0,), "lambda": (0,), "alpha": (
              "exp_avg_sq": (0,), "steps": (0,), "prev_losses": (0,), "initial_losses": (0,),
              "task_count": (0,), "sq_norm_ema": (0,), "task_steps": (0,)}
 TASK_AXES.update({"w": (0,)})  # sdmgrad
-TASK_AXES.update({"sq_grad_sum": (0,), "baseline": (0,)})  # excessmtl
+TASK_AXES.update({"sq_grad_sum": (0,), "baseline": (0,), "warmup_sum": (0,),
+                  "warmup_count": (0,)})  # excessmtl
 
 
 def task_slices(state: Any, idx: Tensor, prefix: str = "") -> dict[str, Tensor]:

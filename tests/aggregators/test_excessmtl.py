@@ -28,26 +28,35 @@ from .._properties import (
 from ..strategies import DEGENERATE_MATRICES, gaussian_matrices, jacobians
 
 
-def excess_reference(Js: list[np.ndarray], eta: float, eps: float) -> list[np.ndarray]:
-    """The weights of each call from eqs. 6-9 and the scale processing, task by task."""
+def excess_reference(Js: list[np.ndarray], eta: float, eps: float,
+                     warmup: int = 0) -> list[np.ndarray]:
+    """The weights of each call from eqs. 6-9 and the scale processing, task by task; during
+    ``warmup`` calls the weights stay and the baselines are the estimates' means."""
     T, D = Js[0].shape
     S = np.zeros((T, D))
     base = [None] * T
+    seen: list[list[float]] = [[] for _ in range(T)]
     logw = np.log(np.full(T, 1.0 / T))
     out = []
-    for J in Js:
+    for k, J in enumerate(Js):
         r = np.zeros(T)
         for i in range(T):
             S[i] += J[i] ** 2
             h = np.sqrt(S[i] + eps)
             E = sum(J[i, j] ** 2 / h[j] for j in range(D) if h[j] > 0)
+            if k < warmup:
+                seen[i].append(E)
+                continue
+            if base[i] is None and seen[i] and np.mean(seen[i]) > 0:
+                base[i] = np.mean(seen[i])
             if base[i] is None and E > 0:
                 base[i] = E
             r[i] = E / base[i] if base[i] is not None else 0.0
         logw = logw + eta * r
         logw -= logw.max()
         w = np.exp(logw) / np.exp(logw).sum()
-        logw = np.log(w)
+        with np.errstate(divide="ignore"):  # a weight may underflow to 0
+            logw = np.log(w)
         out.append(w)
     return out
 
@@ -55,17 +64,17 @@ def excess_reference(Js: list[np.ndarray], eta: float, eps: float) -> list[np.nd
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 6), D=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
        eta=st.floats(1e-3, 3.0), eps=st.sampled_from([0.0, 1e-7, 1e-2]),
-       zero_first=st.booleans())
+       zero_first=st.booleans(), warmup=st.sampled_from([0, 0, 1, 3]))
 def test_matches_hand_computed_algorithm(T: int, D: int, seed: int, eta: float, eps: float,
-                                         zero_first: bool) -> None:
+                                         zero_first: bool, warmup: int) -> None:
     rng = np.random.default_rng(seed)
     Js = [rng.standard_normal((T, D)) * 10 ** rng.uniform(-2, 2) for _ in range(5)]
     if zero_first:
         Js[0][0] = 0.0  # task 0 has no baseline until its gradient is not 0
     Js[2][-1] = 0.0
     Js[3][:, 0] = 0.0  # a column that stays 0 for some tasks
-    ref = excess_reference(Js, eta, eps)
-    agg = ExcessMTL(robust_step_size=eta, eps=eps)
+    ref = excess_reference(Js, eta, eps, warmup)
+    agg = ExcessMTL(robust_step_size=eta, eps=eps, warmup=warmup)
     for k, J in enumerate(Js):
         d = agg(torch.tensor(J))
         assert np.abs(agg.weights.numpy() - ref[k]).max() <= 1e-12, (k, agg.weights, ref[k])
@@ -130,6 +139,15 @@ def test_against_torchjd() -> None:
             diff = float((mapped - w_tj).abs().max())
             worst = max(worst, diff)
             assert diff <= 1e-12, (T, k, diff)
+    # With a warmup both take the warmup's mean estimates as the baselines: the same weights.
+    for T, n in ((3, 1), (5, 4)):
+        ours, theirs = ExcessMTL(robust_step_size=0.5, warmup=n), tj.ExcessMTLWeighting(0.5, n)
+        for k in range(n + 4):
+            J = torch.randn(T, 10, generator=gen, dtype=torch.float64) * (1 + 0.5 * k) * 1e4
+            ours(J)
+            diff = float((ours.weights - theirs(J)).abs().max())
+            worst = max(worst, diff)
+            assert diff <= 1e-10, (T, n, k, diff)  # their E^(0) + 1e-7
     print(f"ExcessMTL vs TorchJD (mapped): largest weight difference {worst:.3g}")
 
 
@@ -204,7 +222,8 @@ def test_state_and_validation() -> None:
     with pytest.raises(ValueError, match=r"accumulating a \[3, 4\] Jacobian, got \[3, 5\]"):
         agg(torch.randn(3, 5, dtype=torch.float64))
     agg.reset()
-    assert agg.state_dict() == {"sq_grad_sum": None, "baseline": None, "alpha": None}
+    assert agg.state_dict() == {"sq_grad_sum": None, "baseline": None, "alpha": None,
+                                "warmup_sum": None, "warmup_count": None, "step": 0}
     assert torch.equal(agg(J), ExcessMTL()(J))
     with pytest.raises(ValueError, match="unknown keys"):
         ExcessMTL().load_state_dict({"weights": torch.ones(3)})
@@ -215,11 +234,56 @@ def test_state_and_validation() -> None:
                                      "alpha": torch.ones(3)})
     for kw, msg in (({"robust_step_size": 0.0}, "robust_step_size must be"),
                     ({"robust_step_size": float("nan")}, "robust_step_size must be"),
-                    ({"eps": -1.0}, "eps must be"), ({"eps": True}, "eps must be")):
+                    ({"eps": -1.0}, "eps must be"), ({"eps": True}, "eps must be"),
+                    ({"warmup": -1}, "warmup must be"), ({"warmup": 1.5}, "warmup must be")):
         with pytest.raises(ValueError, match=msg):
             ExcessMTL(**kw)
     for name in ("excessmtl", "excess-mtl", "Excess_MTL"):
         assert isinstance(get(name), ExcessMTL)
     agg = get("excessmtl")
-    assert (agg.robust_step_size, agg.eps) == (1e-2, 1e-7)
+    assert (agg.robust_step_size, agg.eps, agg.warmup) == (1e-2, 1e-7, 0)
     assert agg.reads == "jacobian" and agg.stateful and not agg.random
+
+
+@pytest.mark.parametrize("capture", ["loop", "feature"])
+def test_steps_are_sync_free(capture: str) -> None:
+    """No value is read on the host during a training step (the module docstring's claim; the
+    CPU stand-in for CUDA's sync debug mode)."""
+    from torch import nn
+
+    from torch_mtlgrad import MultiTaskOptimizer
+
+    from ..test_capture import ConvNet, batch, forbid_host_sync, params
+
+    torch.manual_seed(0)
+    model = ConvNet(3)
+    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), shared=model.encoder,
+                             aggregator=ExcessMTL(), capture=capture, nonfinite="unchecked")
+    x, ys = batch(0)
+    for _ in range(3):
+        opt.zero_grad()
+        z = model.encoder(x)
+        losses = [nn.functional.mse_loss(h(z), y) for h, y in zip(model.heads, ys[:3])]
+        with forbid_host_sync():
+            opt.backward(losses, features=z if capture == "feature" else None)
+            opt.step()
+    assert bool(torch.isfinite(params(model)).all())
+
+
+def test_warmup_baselines_with_absent_tasks() -> None:
+    """During the warmup the weights stay uniform over the present tasks; each baseline is the
+    mean of the task's estimates over the warmup calls it was present in."""
+    gen = torch.Generator().manual_seed(4)
+    J1, J2, J3 = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    agg = ExcessMTL(robust_step_size=1.0, warmup=2)
+    out = agg.aggregate(J1[[0, 2]], present=[True, False, True])
+    assert_close(out.weights, torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64), rtol=1e-15)
+    e1 = agg.diagnostics["excess_risk"].clone()  # tasks 0 and 2
+    out = agg.aggregate(J2)
+    assert_close(out.weights, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=1e-15)
+    e2 = agg.diagnostics["excess_risk"].clone()
+    assert torch.equal(agg.warmup_count, torch.tensor([2.0, 1.0, 2.0], dtype=torch.float64))
+    agg.aggregate(J3)  # the first call after the warmup: the baselines are the means
+    expected = torch.stack([(e1[0] + e2[0]) / 2, e2[1], (e1[1] + e2[2]) / 2])
+    assert_close(agg.baseline, expected, rtol=1e-15)
+    assert_close(agg.diagnostics["ratio"], agg.diagnostics["excess_risk"] / expected, rtol=1e-15)

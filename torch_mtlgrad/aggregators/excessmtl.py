@@ -38,12 +38,17 @@ Defaults and choices (documented; checked in the tests):
 * TorchJD 0.18's ``ExcessMTL`` (with ``n_warmup_steps = 0``) also takes the first call's
   estimates as the baseline, but already steps on them unscaled at that call, so its weights are
   ours times ``exp(eta E^(0))``, renormalised, at every later call; it divides by
-  ``E^(0) + 1e-7``.  Its ``n_warmup_steps`` (the paper's Appendix C.1 collects the statistics
-  over the first epochs before the baseline is set) is not offered here.
+  ``E^(0) + 1e-7``.
+* ``warmup`` (default 0; TorchJD's ``n_warmup_steps``): the paper (Appendix C.1) collects the
+  statistics over the first epochs before the weights move.  During the first ``warmup`` calls
+  the weights stay uniform while the squared gradients accumulate, and a task's baseline is then
+  the mean of its estimates over the warmup calls it was present in (its first positive estimate
+  after them if it had none).  With ``warmup = 0`` the first call's estimate is the baseline.
 
 State (``state_dict``): ``sq_grad_sum`` (``[T, D]``, the squared gradients so far: ``T`` times
-the memory of one gradient, as the method needs), ``baseline`` (``[T]``, 0 until set) and
-``alpha`` (``[T]``, on the simplex).  No host synchronisation.  ``diagnostics``:
+the memory of one gradient, as the method needs), ``baseline`` (``[T]``, 0 until set),
+``alpha`` (``[T]``, on the simplex), the call counter ``step`` and, with ``warmup``,
+``warmup_sum`` and ``warmup_count`` (``[T]``, each task's estimates during the warmup).  No host synchronisation.  ``diagnostics``:
 ``"excess_risk"`` (``E``) and ``"ratio"`` (``r``).
 
 Absent tasks: an absent task's squared-gradient sum, baseline and ``alpha`` do not move; the
@@ -67,6 +72,7 @@ from ._shares import present_share
 __all__ = ["ExcessMTL"]
 
 _KEYS = ("sq_grad_sum", "baseline", "alpha")
+_WARMUP_KEYS = ("warmup_sum", "warmup_count")
 
 
 class ExcessMTL(Aggregator):
@@ -76,6 +82,8 @@ class ExcessMTL(Aggregator):
         robust_step_size: the step ``eta > 0`` of the exponentiated update (default 1e-2).
         eps: added to the accumulated squared gradients under the square root (default 1e-7;
             ``>= 0``).
+        warmup: calls during which the weights stay uniform and the baselines are averaged
+            (default 0: the first estimate is the baseline).
 
     Stateful (the squared gradients so far, each task's baseline excess risk, the weights).  It
     reads ``J`` itself (element-wise squares), not only ``G``.  See the module docstring.
@@ -98,7 +106,8 @@ class ExcessMTL(Aggregator):
     summary = ("exponentiated weights of excess risks estimated from AdaGrad's diagonal Hessian, "
                "each scaled by its first estimate")
 
-    def __init__(self, robust_step_size: float = 1e-2, eps: float = 1e-7) -> None:
+    def __init__(self, robust_step_size: float = 1e-2, eps: float = 1e-7,
+                 warmup: int = 0) -> None:
         super().__init__()
         if isinstance(robust_step_size, bool) or not isinstance(robust_step_size, (int, float)) \
                 or not (math.isfinite(robust_step_size) and robust_step_size > 0):
@@ -107,8 +116,15 @@ class ExcessMTL(Aggregator):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
                 or not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0 (e.g. 1e-7), got {eps!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (calls before the weights move), got "
+                             f"{warmup!r}")
         self.robust_step_size = float(robust_step_size)
         self.eps = float(eps)
+        self.warmup = warmup
+        self.step = 0
+        self.warmup_sum: Tensor | None = None  # [T], with warmup only
+        self.warmup_count: Tensor | None = None  # [T]
         self.sq_grad_sum: Tensor | None = None  # [T, D]
         self.baseline: Tensor | None = None  # [T], 0 until set
         self.alpha: Tensor | None = None  # [T], on the simplex
@@ -125,11 +141,23 @@ class ExcessMTL(Aggregator):
         h = torch.sqrt(S + self.eps)
         E = torch.where(h > 0, sq / torch.where(h > 0, h, 1.0), 0.0).sum(dim=1)
         base = torch.zeros_like(E) if self.baseline is None else self.baseline.to(J)
-        base = torch.where(base > 0, base, E)  # set at the first positive estimate
-        ratio = torch.where(base > 0, E / torch.where(base > 0, base, 1.0), 0.0)
         a, mass = present_share(self.alpha, T, self._subset_total or T, J)
-        a = torch.softmax(torch.log(a) + self.robust_step_size * ratio, dim=0)  # eq. 9
+        if self.step < self.warmup:  # collect the estimates; the weights stay
+            zeros = torch.zeros_like(E)
+            self.warmup_sum = (zeros if self.warmup_sum is None else self.warmup_sum.to(J)) + E
+            self.warmup_count = (zeros if self.warmup_count is None
+                                 else self.warmup_count.to(J)) + 1
+            ratio = torch.zeros_like(E)
+        else:
+            if self.warmup_sum is not None and self.warmup_count is not None:
+                cnt = self.warmup_count.to(J)
+                mean = self.warmup_sum.to(J) / torch.where(cnt > 0, cnt, 1.0)
+                base = torch.where(base > 0, base, mean)  # the warmup's mean, when positive
+            base = torch.where(base > 0, base, E)  # else the first positive estimate
+            ratio = torch.where(base > 0, E / torch.where(base > 0, base, 1.0), 0.0)
+            a = torch.softmax(torch.log(a) + self.robust_step_size * ratio, dim=0)  # eq. 9
         self.sq_grad_sum, self.baseline, self.alpha = S, base, a * mass
+        self.step += 1
         self.weights = a
         self.diagnostics = {"excess_risk": E, "ratio": ratio}
         return a @ J
@@ -137,16 +165,21 @@ class ExcessMTL(Aggregator):
     # State -----------------------------------------------------------------------------------
     def _task_state(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         return {"sq_grad_sum": ((0,), 0.0), "baseline": ((0,), 0.0),
-                "alpha": ((0,), lambda: 1.0 / (self._subset_total or 1))}
+                "alpha": ((0,), lambda: 1.0 / (self._subset_total or 1)),
+                "warmup_sum": ((0,), 0.0), "warmup_count": ((0,), 0.0)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in _KEYS}
+        out: dict[str, Any] = {k: None if getattr(self, k) is None else getattr(self, k).clone()
+                               for k in (*_KEYS, *_WARMUP_KEYS)}
+        out["step"] = self.step
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - set(_KEYS)
+        known = (*_KEYS, *_WARMUP_KEYS, "step")
+        unknown = set(state) - set(known)
         if unknown:
             raise ValueError(f"ExcessMTL state has unknown keys {sorted(unknown)} (expected "
-                             f"{list(_KEYS)})")
+                             f"{list(known)})")
         vals = [state.get(k) for k in _KEYS]
         if any(v is None for v in vals) and not all(v is None for v in vals):
             raise ValueError(f"ExcessMTL state must hold all of {list(_KEYS)} or none")
@@ -157,11 +190,22 @@ class ExcessMTL(Aggregator):
                                   and alpha.shape == (S.shape[0],)):
             raise ValueError("ExcessMTL state: 'sq_grad_sum' must be a [T, D] tensor and "
                              "'baseline' and 'alpha' [T] tensors")
-        for k, v in zip(_KEYS, vals):
+        extra = [state.get(k) for k in _WARMUP_KEYS]
+        for k, v in zip(_WARMUP_KEYS, extra):
+            if v is not None and not (isinstance(v, Tensor) and v.dim() == 1):
+                raise ValueError(f"ExcessMTL state: {k!r} must be a [T] tensor or None")
+        step = state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"ExcessMTL state: 'step' must be an int >= 0, got {step!r}")
+        for k, v in zip((*_KEYS, *_WARMUP_KEYS), (*vals, *extra)):
             setattr(self, k, None if v is None else v.detach().clone())
+        self.step = step
 
     def reset(self) -> None:
         self.sq_grad_sum = self.baseline = self.alpha = None
+        self.warmup_sum = self.warmup_count = None
+        self.step = 0
 
     def __repr__(self) -> str:
-        return f"ExcessMTL(robust_step_size={self.robust_step_size}, eps={self.eps})"
+        return (f"ExcessMTL(robust_step_size={self.robust_step_size}, eps={self.eps}, "
+                f"warmup={self.warmup})")
