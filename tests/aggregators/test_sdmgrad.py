@@ -126,7 +126,20 @@ def test_a_stable_step_solves_the_papers_inner_problem(J: torch.Tensor, lmbd: fl
     agg(J)
     ref = inner_problem_cvxpy(G.numpy(), lmbd)
     w = agg.diagnostics["w"].numpy()
-    assert np.abs(w - ref).max() <= 1e-6, (w, ref, cond)
+    # Clarabel's answer is accurate to a few 1e-6 (largest difference seen over 100 examples:
+    # 3.8e-6, where ours had the lower objective): ours is checked at the optimum itself too.
+    assert np.abs(w - ref).max() <= 2e-5, (w, ref, cond)
+    A = (G / s2).numpy()
+    T = G.shape[0]
+
+    def objective(x: np.ndarray) -> float:
+        return 0.5 * (x + lmbd / T) @ A @ (x + lmbd / T)
+
+    assert objective(w) <= objective(ref) + 1e-12
+    # The projected-gradient fixed point: w = Pi(w - t grad) for a step t (optimality on the
+    # simplex), with the test's own projection.
+    moved = simplex_projection_bisection(w - 0.1 * A @ (w + lmbd / T))
+    assert np.abs(moved - w).max() <= 1e-12
 
 
 def test_lambda_limits_and_the_authors_step() -> None:
