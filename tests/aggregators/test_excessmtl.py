@@ -245,30 +245,6 @@ def test_state_and_validation() -> None:
     assert agg.reads == "jacobian" and agg.stateful and not agg.random
 
 
-@pytest.mark.parametrize("capture", ["loop", "feature"])
-def test_steps_are_sync_free(capture: str) -> None:
-    """No value is read on the host during a training step (the module docstring's claim; the
-    CPU stand-in for CUDA's sync debug mode)."""
-    from torch import nn
-
-    from torch_mtlgrad import MultiTaskOptimizer
-
-    from ..test_capture import ConvNet, batch, forbid_host_sync, params
-
-    torch.manual_seed(0)
-    model = ConvNet(3)
-    opt = MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), shared=model.encoder,
-                             aggregator=ExcessMTL(), capture=capture, nonfinite="unchecked")
-    x, ys = batch(0)
-    for _ in range(3):
-        opt.zero_grad()
-        z = model.encoder(x)
-        losses = [nn.functional.mse_loss(h(z), y) for h, y in zip(model.heads, ys[:3])]
-        with forbid_host_sync():
-            opt.backward(losses, features=z if capture == "feature" else None)
-            opt.step()
-    assert bool(torch.isfinite(params(model)).all())
-
 
 def test_warmup_baselines_with_absent_tasks() -> None:
     """During the warmup the weights stay uniform over the present tasks; each baseline is the
